@@ -1,0 +1,75 @@
+"""Base configuration: the study's settings (PAPER.md §1, §4, §5) at a size chosen by name.
+
+Every field is documented here; `dvar train --config=configs/base.py --config.KEY=VALUE`
+overrides any of them. The config is locked: an unknown key is an error.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    # "ar" (next-token prediction, causal attention) or "diffusion" (masked diffusion,
+    # bidirectional attention). The objective decides the attention mask.
+    c.objective = "ar"
+    # Seed for parameter init, data order, masking and dropout (Megatron default 1234).
+    c.seed = 1234
+
+    c.model = ConfigDict()
+    # A size from configs/models.py (e.g. "140M", "cpu-s"), or "custom" with the dims below.
+    c.model.name = "7M"
+    c.model.d_model = config_dict.placeholder(int)  # only with name="custom"
+    c.model.n_layers = config_dict.placeholder(int)  # only with name="custom"
+    c.model.n_heads = config_dict.placeholder(int)  # only with name="custom"
+    c.model.head_dim = config_dict.placeholder(int)  # only with name="custom"
+    # Dropout on attention probabilities and on residual branches + embeddings. The study's
+    # code runs Megatron's defaults (0.1 / 0.1); its paper is silent (PAPER.md §12.1).
+    c.model.attention_dropout = 0.1
+    c.model.hidden_dropout = 0.1
+    # Compute dtype of activations and matmuls; parameters and optimizer state stay float32.
+    c.model.dtype = "float32"  # "float32" | "bfloat16"
+
+    c.data = ConfigDict()
+    # "shakespeare": the embedded default corpus (DATA.md §1).
+    # "text": the user's corpus at data.path (a folder of .txt, or .jsonl with data.text_field).
+    c.data.source = "shakespeare"
+    c.data.path = ""
+    c.data.text_field = "text"
+    # Share of a user corpus's documents held out for validation (whole documents).
+    c.data.validation_fraction = 0.1
+    # U: the first U tokens of the train stream are all the model ever sees.
+    c.data.unique_tokens = 1_000_000
+    # E: passes over those U tokens (the learning-rate schedule stretches with E).
+    c.data.epochs = 4
+    c.data.seq_len = 128
+    # Validation tokens used (the first ones of the fixed validation stream); 0 = all.
+    c.data.validation_tokens = 0
+    # SentencePiece model to use; "" = train one on the train split (DATA.md §2).
+    c.data.tokenizer_path = ""
+    c.data.vocab_size = 4096
+    c.data.tokenizer_type = "unigram"  # "unigram" | "bpe"
+    # Where the corpus, tokenizer and token arrays are cached; "" = $DVAR_CACHE or
+    # ~/.cache/dvar_jax.
+    c.data.cache_dir = ""
+
+    c.train = ConfigDict()
+    c.train.batch_size = 32  # global batch, in sequences
+    c.train.peak_lr = 2e-4
+    c.train.min_lr_ratio = 0.1  # cosine decays to peak_lr * min_lr_ratio over the whole run
+    c.train.warmup_fraction = 0.01  # of all steps
+    c.train.weight_decay = 0.1  # on parameters with ndim >= 2 only
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.grad_clip = 1.0  # global norm
+    c.train.log_every = 10  # steps
+
+    c.eval = ConfigDict()
+    c.eval.every_epochs = 1.0  # validation cadence, in (fractional) epochs
+    c.eval.batch_size = 32
+    # Diffusion validation: K mask draws per sequence at stratified t (PAPER.md §5.1).
+    c.eval.num_mc = 8
+    c.eval.seed = 0  # fixed, so curves are comparable across runs
+
+    c.lock()
+    return c

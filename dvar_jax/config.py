@@ -1,0 +1,106 @@
+"""Checking a run's config and turning it into the typed objects the code uses.
+
+Everything here runs before any data is read or any array is made, so a bad config fails in
+well under a second with a message naming the key, the value, and what is allowed.
+"""
+
+from ml_collections import ConfigDict
+
+from configs.models import MODEL_SIZES
+from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
+from dvar_jax.objectives import OBJECTIVES
+
+DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
+DATA_SOURCES = ("shakespeare", "text")
+TOKENIZER_TYPES = ("unigram", "bpe")
+
+
+def model_dims(model_cfg: ConfigDict) -> dict[str, int]:
+    """d_model, n_layers, n_heads, head_dim from `model.name` (or the explicit dims for custom)."""
+    name = model_cfg.name
+    given = {k: model_cfg[k] for k in DIMS if model_cfg[k] is not None}
+    if name == "custom":
+        missing = [k for k in DIMS if k not in given]
+        if missing:
+            raise ValueError(f"model.name='custom' needs model.{', model.'.join(missing)}")
+        return given
+    if name not in MODEL_SIZES:
+        raise ValueError(
+            f"model.name={name!r} is not a known size; choose one of "
+            f"{', '.join(MODEL_SIZES)} (configs/models.py) or 'custom'")
+    if given:
+        raise ValueError(
+            f"model.{', model.'.join(given)} given with model.name={name!r}; "
+            "set model.name=custom to choose the dimensions yourself")
+    return dict(zip(DIMS, MODEL_SIZES[name], strict=True))
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """Raises ValueError listing every impossible value in the config."""
+    problems = []
+
+    def check(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    check(cfg.objective in OBJECTIVES,
+          f"objective={cfg.objective!r}: allowed {', '.join(sorted(OBJECTIVES))}")
+    try:
+        dims = model_dims(cfg.model)
+        for k, v in dims.items():
+            check(v >= 1, f"model.{k}={v}: must be >= 1")
+        check(dims.get("head_dim", 2) % 2 == 0,
+              f"model.head_dim={dims.get('head_dim')}: must be even (RoPE)")
+    except ValueError as e:
+        problems.append(str(e))
+    for k in ("attention_dropout", "hidden_dropout"):
+        check(0.0 <= cfg.model[k] < 1.0, f"model.{k}={cfg.model[k]}: must be in [0, 1)")
+    check(cfg.model.dtype in DTYPES,
+          f"model.dtype={cfg.model.dtype!r}: allowed {', '.join(DTYPES)}")
+
+    d = cfg.data
+    check(d.source in DATA_SOURCES, f"data.source={d.source!r}: allowed {', '.join(DATA_SOURCES)}")
+    check(d.source != "text" or bool(d.path), "data.source='text' needs data.path")
+    check(0.0 < d.validation_fraction < 1.0,
+          f"data.validation_fraction={d.validation_fraction}: must be in (0, 1)")
+    check(d.unique_tokens >= 2, f"data.unique_tokens={d.unique_tokens}: must be >= 2")
+    check(d.epochs > 0, f"data.epochs={d.epochs}: must be > 0")
+    check(d.seq_len >= 2, f"data.seq_len={d.seq_len}: must be >= 2")
+    check(d.validation_tokens >= 0,
+          f"data.validation_tokens={d.validation_tokens}: must be >= 0 (0 = all)")
+    check(d.vocab_size >= 16, f"data.vocab_size={d.vocab_size}: must be >= 16")
+    check(d.tokenizer_type in TOKENIZER_TYPES,
+          f"data.tokenizer_type={d.tokenizer_type!r}: allowed {', '.join(TOKENIZER_TYPES)}")
+
+    t = cfg.train
+    check(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    check(t.peak_lr > 0, f"train.peak_lr={t.peak_lr}: must be > 0")
+    check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    check(0.0 <= t.warmup_fraction < 1.0,
+          f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
+    check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+    check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0,
+          f"train.b1={t.b1}, train.b2={t.b2}: each must be in [0, 1)")
+    check(t.eps > 0, f"train.eps={t.eps}: must be > 0")
+    check(t.grad_clip > 0, f"train.grad_clip={t.grad_clip}: must be > 0")
+    check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
+
+    e = cfg.eval
+    check(e.every_epochs > 0, f"eval.every_epochs={e.every_epochs}: must be > 0")
+    check(e.batch_size >= 1, f"eval.batch_size={e.batch_size}: must be >= 1")
+    check(e.num_mc >= 1, f"eval.num_mc={e.num_mc}: must be >= 1")
+
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int) -> TransformerConfig:
+    """The model of this run; the objective decides the attention mask."""
+    return TransformerConfig(
+        vocab_size=padded_vocab_size(tokenizer_vocab_size),
+        causal=OBJECTIVES[cfg.objective].causal,
+        attention_dropout=cfg.model.attention_dropout,
+        hidden_dropout=cfg.model.hidden_dropout,
+        dtype=cfg.model.dtype,
+        **model_dims(cfg.model),
+    )

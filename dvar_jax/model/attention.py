@@ -1,0 +1,61 @@
+"""Attention and rotary position embeddings: pure functions of arrays.
+
+`model.attention_impl` will select other kernels (Pallas, splash) here; `xla` is the
+reference path every other implementation is checked against.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, NeoX rotate-half layout (PAPER.md §1.1).
+
+    positions: [batch, seq] integer position ids. Returns two float32 [batch, seq, head_dim]
+    arrays, the frequencies repeated as cat(angle, angle).
+    """
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin for x: [batch, seq, heads, head_dim].
+
+    cos, sin: [batch, seq, head_dim] from `rope_tables`.
+    """
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    # Rotate in float32: bfloat16 angles lose the low-order position bits at long sequences.
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x.dtype)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention over [batch, seq, heads, head_dim] inputs; returns the same shape.
+
+    Scale 1/sqrt(head_dim) (Megatron's 1/sqrt(kv_channels)). Softmax in float32. Dropout on the
+    attention probabilities when `dropout_rng` is given and the rate is positive.
+    """
+    head_dim = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
+    if causal:
+        seq_q, seq_k = q.shape[1], k.shape[1]
+        allowed = jnp.tril(jnp.ones((seq_q, seq_k), dtype=bool))
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -1,0 +1,164 @@
+"""One Llama-style transformer for both objectives (PAPER.md §1.1).
+
+Pre-norm RMSNorm (eps 1e-5), RoPE (theta 1e4, rotate-half), SwiGLU, no biases, tied input and
+output embeddings, N(0, 0.02) init with the attention-out and MLP-down projections scaled by
+1/sqrt(2 * n_layers). The model knows one thing about the objective: `causal`.
+
+Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `mlp`, ...) so that a
+rule table can map them onto a device mesh.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dvar_jax.model.attention import apply_rope, dot_product_attention, rope_tables
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def ffn_hidden_size(d_model: int) -> int:
+    """SwiGLU width h_f = int(8 d / 3 / 64) * 64, as Megatron computes it (PAPER.md §1.1)."""
+    return int((4 * d_model * 2 / 3) / 64) * 64
+
+
+def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = 128) -> int:
+    """Rows of the embedding: the tokenizer's ids, then MASK (= tokenizer_vocab_size), rounded up.
+
+    GPT-2's 50257 gives 50304, as in the study; a 4096-token SentencePiece model gives 4224.
+    """
+    return -(-(tokenizer_vocab_size + 1) // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and numerics of the model. `vocab_size` is the padded embedding row count."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    causal: bool
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    dtype: str = "float32"
+    rope_theta: float = 1e4
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"model head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def ffn_hidden(self) -> int:
+        return ffn_hidden_size(self.d_model)
+
+
+def _param_meta(*axes: str) -> dict:
+    # Logical names only: placing them on a mesh is the sharding layer's job, so no eager sharding.
+    return {"sharding_names": axes, "eager_sharding": False}
+
+
+class Block(nnx.Module):
+    """Pre-norm attention + SwiGLU MLP, each on a residual branch."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        width = cfg.n_heads * cfg.head_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+        def linear(n_in, n_out, kernel_init, axes):
+            return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, kernel_init=kernel_init,
+                              kernel_metadata=_param_meta(*axes), rngs=rngs)
+
+        def norm():
+            return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                               scale_metadata=_param_meta("norm"), rngs=rngs)
+
+        self.attn_norm = norm()
+        # q, k and v in one matmul: one large GEMM is faster than three small ones on every backend.
+        self.qkv = linear(cfg.d_model, 3 * width, init, ("embed", "qkv"))
+        self.attn_out = linear(width, cfg.d_model, out_init, ("heads", "embed"))
+        self.mlp_norm = norm()
+        # SwiGLU's gate and up projections fused the same way: [d, 2 * h_f] -> silu(x1) * x2.
+        self.mlp_in = linear(cfg.d_model, 2 * cfg.ffn_hidden, init, ("embed", "mlp"))
+        self.mlp_out = linear(cfg.ffn_hidden, cfg.d_model, out_init, ("mlp", "embed"))
+        self.dropout = nnx.Dropout(cfg.hidden_dropout)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 dropout_rngs: nnx.Rngs | None) -> jax.Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        deterministic = dropout_rngs is None
+
+        qkv = self.qkv(self.attn_norm(x)).reshape(batch, seq, 3, cfg.n_heads, cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = dot_product_attention(
+            q, k, v, causal=cfg.causal, dropout_rate=cfg.attention_dropout,
+            dropout_rng=None if deterministic else dropout_rngs.dropout())
+        attn = self.attn_out(attn.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
+        x = x + self.dropout(attn, deterministic=deterministic, rngs=dropout_rngs)
+
+        gate, up = jnp.split(self.mlp_in(self.mlp_norm(x)), 2, axis=-1)
+        mlp = self.mlp_out(jax.nn.silu(gate) * up)
+        return x + self.dropout(mlp, deterministic=deterministic, rngs=dropout_rngs)
+
+
+class Transformer(nnx.Module):
+    """Token ids [batch, seq] -> logits [batch, seq, vocab_size] (float32)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                               embedding_init=nnx.initializers.normal(cfg.init_std),
+                               embedding_metadata=_param_meta("vocab", "embed"), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                                      scale_metadata=_param_meta("norm"), rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout)
+
+    def hidden_states(self, x: jax.Array, positions: jax.Array | None = None,
+                      dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Embedded inputs [batch, seq, d_model] -> final normed states [batch, seq, d_model].
+
+        positions: [batch, seq] RoPE position ids (default 0..seq-1). dropout_rng: a key turns
+        dropout on (training); None is the deterministic model (evaluation).
+        """
+        batch, seq, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
+        x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
+        for block in self.blocks:
+            x = block(x, cos, sin, rngs)
+        return self.final_norm(x)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """tokens: [batch, seq] int -> logits [batch, seq, vocab_size] float32."""
+        h = self.hidden_states(self.embed(tokens), positions, dropout_rng)
+        return self.embed.attend(h).astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters actually in the model (tied embedding counted once)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,66 @@
+"""Masked diffusion objective exactly as the study's code (PAPER.md §5).
+
+tokens[:, :seq] are the clean sequence (the window's last token is dropped); per sequence
+t ~ U(0, 1) and p = (1 - eps) t + eps; each token is replaced by MASK with probability p; the
+loss is the cross-entropy on masked positions weighted by 1/p, summed and divided by
+batch * seq (all positions, not the masked count): an unbiased estimate of the per-token
+negative ELBO.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MASK_EPS = 1e-3
+
+
+def masked_diffusion_token_losses(model, clean: jax.Array, t: jax.Array, rng: jax.Array,
+                                  mask_id: int, dropout_rng: jax.Array | None = None,
+                                  eps: float = MASK_EPS) -> jax.Array:
+    """Weighted per-token losses at given noise levels.
+
+    clean: [batch, seq] token ids; t: [batch] in [0, 1]. Returns [batch, seq] float32 with
+    CE / p on masked positions and 0 elsewhere.
+    """
+    p = (1.0 - eps) * t + eps  # [batch]
+    masked = jax.random.bernoulli(rng, p[:, None], clean.shape)
+    noisy = jnp.where(masked, mask_id, clean)
+    logits = model(noisy, dropout_rng=dropout_rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, clean)
+    return jnp.where(masked, ce / p[:, None], 0.0)
+
+
+def diffusion_loss(model, tokens: jax.Array, rng: jax.Array,
+                   mask_id: int) -> tuple[jax.Array, dict]:
+    """Training loss on windows [batch, seq + 1]: sum of weighted masked CE / (batch * seq)."""
+    clean = tokens[:, :-1]
+    t_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
+    t = jax.random.uniform(t_rng, (clean.shape[0],))
+    losses = masked_diffusion_token_losses(model, clean, t, mask_rng, mask_id, dropout_rng)
+    masked_fraction = jnp.mean(losses > 0)
+    return losses.sum() / clean.size, {"masked_fraction": masked_fraction}
+
+
+def stratified_times(rng: jax.Array, num_mc: int) -> jax.Array:
+    """num_mc noise levels t_k = (u + k / num_mc) mod 1, u ~ U(0, 1): one per stratum of [0, 1)."""
+    u = jax.random.uniform(rng, ())
+    return jnp.mod(u + jnp.arange(num_mc) / num_mc, 1.0)
+
+
+def diffusion_validation_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
+                              num_mc: int) -> jax.Array:
+    """Per-sequence ELBO estimate: [batch, seq + 1] -> [batch] summed weighted CE, averaged over
+    num_mc mask draws at stratified t (each sequence gets its own stratified set)."""
+    clean = tokens[:, :-1]
+    batch = clean.shape[0]
+    t_rng, mask_rng = jax.random.split(rng)
+    t = jax.vmap(stratified_times, in_axes=(0, None))(jax.random.split(t_rng, batch), num_mc)
+
+    def one_draw(carry, k):
+        t_k = t[:, k]
+        losses = masked_diffusion_token_losses(
+            model, clean, t_k, jax.random.fold_in(mask_rng, k), mask_id)
+        return carry + losses.sum(axis=-1), None
+
+    total, _ = jax.lax.scan(one_draw, jnp.zeros((batch,), jnp.float32), jnp.arange(num_mc))
+    return total / num_mc

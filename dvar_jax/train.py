@@ -1,0 +1,203 @@
+"""Training: the train state, one jitted step shared by every objective, the loop.
+
+State lives in one place (`TrainState`); the step is a pure function of (state, batch) whose
+randomness is derived from (seed, step), so a run is reproducible from its config alone.
+I/O (metrics, progress, TensorBoard) stays in `train`, the loop at the edge.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.data.pipeline import TrainBatches, load_token_streams, validation_windows
+from dvar_jax.metrics import MetricsWriter
+from dvar_jax.model.transformer import Transformer, TransformerConfig
+from dvar_jax.objectives import Objective, get_objective
+from dvar_jax.perf import measure_matmul_peak
+from dvar_jax.scaling.flops import matmul_flops_per_token, paper_param_count, training_flops
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: steps taken
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def lr_schedule(train_cfg: ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup over warmup_fraction of the steps, then cosine to min_lr_ratio x peak at the
+    last step: the schedule stretches with the run, as the study's (PAPER.md §4)."""
+    warmup = max(1, round(train_cfg.warmup_fraction * num_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.peak_lr, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=train_cfg.peak_lr * train_cfg.min_lr_ratio)
+
+
+def make_optimizer(train_cfg: ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decay on >= 2-D parameters only (not norm gains)."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_cfg.grad_clip),
+        optax.adamw(lr_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2,
+                    eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+    )
+
+
+def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
+                       seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    """A freshly initialised model (split into its static graph and its parameters) + optimizer."""
+    init_key = jax.random.fold_in(jax.random.key(seed), 0)
+    model = Transformer(model_cfg, rngs=nnx.Rngs(params=init_key))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
+                    tx: optax.GradientTransformation, mask_id: int, seed: int):
+    """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated."""
+    step_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+    def step_fn(state: TrainState, tokens: jax.Array):
+        rng = jax.random.fold_in(step_key, state.step)
+
+        def loss_fn(params):
+            return objective.loss(nnx.merge(graphdef, params), tokens, rng, mask_id)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step_fn, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, mask_id: int, num_mc: int):
+    """Jitted (params, tokens [batch, seq + 1], rng) -> per-sequence summed loss [batch]."""
+
+    def eval_fn(params, tokens, rng):
+        return objective.validation_loss(nnx.merge(graphdef, params), tokens, rng, mask_id, num_mc)
+
+    return jax.jit(eval_fn)
+
+
+def evaluate(eval_step, params: nnx.State, windows: np.ndarray, batch_size: int,
+             seed: int) -> float:
+    """Mean per-token validation loss over all windows [n, seq + 1].
+
+    Batch j always uses the key fold_in(seed, j), so every evaluation of every run with the same
+    validation data draws the same masks and noise levels: curves are comparable.
+    """
+    n, seq = windows.shape[0], windows.shape[1] - 1
+    key = jax.random.key(seed)
+    total = 0.0
+    for j, start in enumerate(range(0, n, batch_size)):
+        chunk = windows[start:start + batch_size]
+        real = chunk.shape[0]
+        if real < batch_size:  # pad with repeats so one compiled shape serves every batch
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
+        sums = eval_step(params, chunk, jax.random.fold_in(key, j))
+        total += float(jnp.sum(sums[:real]))
+    return total / (n * seq)
+
+
+class RunSummary(NamedTuple):
+    objective: str
+    params: int  # the study's N formula with this run's vocabulary
+    best_val_loss: float
+    best_epoch: float
+    final_val_loss: float
+    steps: int
+    tokens: int
+
+
+def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None) -> RunSummary:
+    """Trains one model as `cfg` says, writing config.json, metrics.jsonl and tb/ to workdir."""
+    validate_config(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=2))
+
+    streams = load_token_streams(cfg.data)
+    batches = TrainBatches.from_config(cfg, streams.train)
+    val_windows = validation_windows(streams.validation, cfg.data.seq_len,
+                                     cfg.data.validation_tokens)
+    objective = get_objective(cfg.objective)
+    model_cfg = transformer_config(cfg, streams.tokenizer.vocab_size)
+    mask_id = streams.tokenizer.vocab_size
+    num_steps = batches.num_steps
+    tx = make_optimizer(cfg.train, num_steps)
+    schedule = lr_schedule(cfg.train, num_steps)
+    graphdef, state = create_train_state(model_cfg, tx, cfg.seed)
+    train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed)
+    eval_step = make_eval_step(graphdef, objective, mask_id, cfg.eval.num_mc)
+
+    n_params = paper_param_count(model_cfg.d_model, model_cfg.n_layers,
+                                 streams.tokenizer.vocab_size)
+    flops_per_token = matmul_flops_per_token(model_cfg, cfg.data.seq_len)
+    peak = measure_matmul_peak()
+    tokens_per_step = batches.tokens_per_step
+    eval_every = max(1, round(cfg.eval.every_epochs * batches.num_windows / cfg.train.batch_size))
+
+    writer = MetricsWriter(workdir)
+    history: list[tuple[float, float]] = []
+
+    def run_eval(step: int):
+        loss = evaluate(eval_step, state.params, val_windows, cfg.eval.batch_size, cfg.eval.seed)
+        tokens = step * tokens_per_step
+        epoch = batches.epoch_at(step)
+        history.append((epoch, loss))
+        writer.write("eval", step, {"val_loss": loss, "epoch": epoch, "tokens": tokens,
+                                    "flops": training_flops(n_params, tokens)})
+        return loss
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(total=num_steps, desc=cfg.objective, disable=not progress, unit="step")
+    val_loss = run_eval(0)
+    pending: list[dict] = []
+    interval_start, interval_steps = None, 0
+    for step, tokens in enumerate(batches.iterate(0), start=1):
+        state, metrics = train_step(state, tokens)
+        pending.append(metrics)
+        if interval_start is None:  # the first step compiles: time from its end
+            jax.block_until_ready(state.step)
+            interval_start, pending = time.perf_counter(), []
+        else:
+            interval_steps += 1
+        if step % cfg.train.log_every == 0 or step == num_steps:
+            values = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                      for k in pending[0]} if pending else {}
+            elapsed = time.perf_counter() - interval_start
+            tok_s = interval_steps * tokens_per_step / elapsed if interval_steps else float("nan")
+            values |= {"lr": float(schedule(step - 1)), "tokens": step * tokens_per_step,
+                       "epoch": batches.epoch_at(step), "tokens_per_s": tok_s,
+                       "mfu": tok_s * flops_per_token / peak}
+            writer.write("train", step, values)
+            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
+                            val=f"{val_loss:.3f}", epoch=f"{values['epoch']:.1f}")
+            pending, interval_steps = [], 0
+            interval_start = time.perf_counter()
+        if step % eval_every == 0 or step == num_steps:
+            val_loss = run_eval(step)
+            interval_start = time.perf_counter()  # evaluation time is not training throughput
+        bar.update(1)
+    bar.close()
+    writer.close()
+
+    best_epoch, best = min(history, key=lambda h: h[1])
+    summary = RunSummary(cfg.objective, n_params, best, best_epoch, history[-1][1], num_steps,
+                         num_steps * tokens_per_step)
+    (workdir / "summary.json").write_text(json.dumps(summary._asdict(), indent=2))
+    return summary

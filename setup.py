@@ -1,0 +1,42 @@
+"""dvar-jax: diffusion vs autoregression when data, not compute, is the bottleneck."""
+
+from setuptools import find_packages, setup
+
+# Ranges are the ones resolved and tested together on Python 3.11 / CPU (see README,
+# "Why these dependencies"). Upper bounds stop a new minor release of a fast-moving
+# JAX-ecosystem package from silently changing numerics or APIs under a grid of runs.
+INSTALL_REQUIRES = [
+    "jax[cpu]>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "seqio>=0.0.20,<0.1",
+    "ml-collections>=1.1,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    # tensorflow-datasets imports it when preparing any builder but only declares it
+    # for Python < 3.9 (tensorflow/datasets#11212).
+    "importlib_resources>=6",
+    "sentencepiece>=0.2.3,<0.3",
+    "numpy>=2.0,<3",
+    "absl-py>=2.0",
+    "tensorboardX>=2.6,<3",
+    "matplotlib>=3.8,<4",
+    "tqdm>=4.66",
+]
+
+setup(
+    name="dvar-jax",
+    version="0.1.0",
+    description=(
+        "AR vs masked-diffusion language models under a fixed unique-token budget, in JAX/Flax"
+    ),
+    python_requires=">=3.11",
+    packages=find_packages(include=["dvar_jax", "dvar_jax.*", "configs", "configs.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "dev": ["pytest>=8,<10", "ruff>=0.6"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],
+    },
+    entry_points={"console_scripts": ["dvar=dvar_jax.cli:main"]},
+)

@@ -1,0 +1,71 @@
+"""Shared test fixtures."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from configs.base import get_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_dvar_cache(tmp_path_factory):
+    """Points $DVAR_CACHE at a temporary folder so no test reads or fills the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVAR_CACHE", str(tmp_path_factory.mktemp("dvar_cache")))
+        yield
+
+
+_SYLLABLES = ("ba", "ro", "mi", "ten", "sha", "lu", "ver", "do", "ke", "ith", "on", "gar", "pe",
+              "wil", "st", "or", "an", "the", "qu", "el")
+
+
+def _synthetic_documents(n_docs: int, lines_per_doc: int, seed: int = 0) -> list[str]:
+    """Play-like text: speaker lines, indented verse, blank lines, punctuation."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
+             for _ in range(400)]
+    docs = []
+    for _ in range(n_docs):
+        lines = []
+        for _ in range(lines_per_doc):
+            kind = rng.random()
+            if kind < 0.1:
+                lines.append("")
+            elif kind < 0.2:
+                lines.append(rng.choice(words).upper() + ".")
+            else:
+                indent = "  " if kind < 0.3 else ""
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+                lines.append(indent + text.capitalize() + rng.choice((",", ".", ";", "!", "?")))
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def synthetic_documents():
+    """`f(n_docs, lines_per_doc, seed=0) -> list[str]`: deterministic play-like documents."""
+    return _synthetic_documents
+
+
+@pytest.fixture(scope="session")
+def text_corpus_dir(tmp_path_factory) -> Path:
+    """A folder of 40 small .txt documents (about 2 KB each), some in a subfolder."""
+    root = tmp_path_factory.mktemp("text_corpus")
+    (root / "more").mkdir()
+    for i, text in enumerate(_synthetic_documents(40, 40)):
+        folder = root / "more" if i % 4 == 0 else root
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_data_cfg(text_corpus_dir, tmp_path_factory):
+    """`data` config for the synthetic text corpus, with its own cache and a small vocab."""
+    cfg = get_config()
+    cfg.data.source = "text"
+    cfg.data.path = str(text_corpus_dir)
+    cfg.data.validation_fraction = 0.2
+    cfg.data.vocab_size = 400
+    cfg.data.cache_dir = str(tmp_path_factory.mktemp("text_cache"))
+    return cfg.data

