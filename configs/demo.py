@@ -17,10 +17,10 @@ def get_config() -> ConfigDict:
     # plain objectives (dropout would also cost ~40% of CPU step time in random bits).
     c.model.attention_dropout = 0.0
     c.model.hidden_dropout = 0.0
-    c.data.unique_tokens = 100_000
+    c.data.unique_tokens = 50_000
     c.data.epochs = 24
     c.data.seq_len = 128
-    c.data.validation_tokens = 32_768
+    c.data.validation_tokens = 16_384
     c.train.batch_size = 32
     # A small model on a small budget tolerates (and needs) a larger step than the study's 2e-4.
     c.train.peak_lr = 1e-3

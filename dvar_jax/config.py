@@ -30,7 +30,8 @@ def model_dims(model_cfg: ConfigDict) -> dict[str, int]:
             f"{', '.join(MODEL_SIZES)} (configs/models.py) or 'custom'")
     if given:
         raise ValueError(
-            f"model.{', model.'.join(given)} given with model.name={name!r}; "
+            f"{', '.join(f'model.{k}={v!r}' for k, v in given.items())} given with "
+            f"model.name={name!r}; "
             "set model.name=custom to choose the dimensions yourself")
     return dict(zip(DIMS, MODEL_SIZES[name], strict=True))
 

@@ -22,6 +22,7 @@ def plot_curves(runs: dict[str, Path], out_path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_epoch, by_flops) = plt.subplots(1, 2, figsize=(11, 4.2))
+    top = 0.0
     for name, workdir in runs.items():
         c = validation_curve(workdir)
         best = int(np.argmin(c["val_loss"]))
@@ -29,8 +30,12 @@ def plot_curves(runs: dict[str, Path], out_path: Path, title: str = "") -> None:
         by_epoch.plot(c["epoch"][best], c["val_loss"][best], "*", ms=12, color=line.get_color())
         trained = c["flops"] > 0  # the step-0 point has no place on a log axis
         by_flops.plot(c["flops"][trained], c["val_loss"][trained], marker=".", label=name)
+        # The untrained model's ~ln V point would squash the part of the curves that matters.
+        top = max(top, float(c["val_loss"][1:].max()) if len(c["val_loss"]) > 1 else 0.0)
     by_epoch.set(xlabel="epochs over the unique tokens", ylabel="validation loss (nats/token)",
                  title="validation loss vs epochs (* = best)")
+    if top > 0:
+        by_epoch.set_ylim(top=top + 0.1 * (top - by_epoch.get_ylim()[0]))
     by_flops.set(xlabel="training FLOPs (6 N D)", xscale="log", ylabel="validation loss",
                  title="validation loss vs compute")
     for ax in (by_epoch, by_flops):

@@ -190,8 +190,10 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None)
             pending, interval_steps = [], 0
             interval_start = time.perf_counter()
         if step % eval_every == 0 or step == num_steps:
+            jax.block_until_ready(state)  # finish training work before timing evaluation
+            eval_start = time.perf_counter()
             val_loss = run_eval(step)
-            interval_start = time.perf_counter()  # evaluation time is not training throughput
+            interval_start += time.perf_counter() - eval_start  # not training throughput
         bar.update(1)
     bar.close()
     writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model {str(path)!r} does not exist")
-        import seqio  # imports TensorFlow: slow, so only when a tokenizer is needed
+        # seqio imports TensorFlow (slow, so only here), whose C++ start-up chatter about
+        # CUDA and oneDNN says nothing about this program: keep it quiet unless asked for.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import seqio
 
         self.path = path
         self._vocab = seqio.SentencePieceVocabulary(str(path))

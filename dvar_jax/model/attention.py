@@ -11,8 +11,8 @@ import jax.numpy as jnp
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles, NeoX rotate-half layout (PAPER.md §1.1).
 
-    positions: [batch, seq] integer position ids. Returns two float32 [batch, seq, head_dim]
-    arrays, the frequencies repeated as cat(angle, angle).
+    positions: [batch or 1, seq] integer position ids. Returns two float32
+    [batch or 1, seq, head_dim] arrays, the frequencies repeated as cat(angle, angle).
     """
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
@@ -23,7 +23,7 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x * cos + rotate_half(x) * sin for x: [batch, seq, heads, head_dim].
 
-    cos, sin: [batch, seq, head_dim] from `rope_tables`.
+    cos, sin: [batch or 1, seq, head_dim] from `rope_tables`.
     """
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

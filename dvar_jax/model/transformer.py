@@ -69,7 +69,7 @@ class TransformerConfig:
 
 def _param_meta(*axes: str) -> dict:
     # Logical names only: placing them on a mesh is the sharding layer's job, so no eager sharding.
-    return {"sharding_names": axes, "eager_sharding": False}
+    return {"out_sharding": axes, "eager_sharding": False}
 
 
 class Block(nnx.Module):
@@ -139,12 +139,11 @@ class Transformer(nnx.Module):
                       dropout_rng: jax.Array | None = None) -> jax.Array:
         """Embedded inputs [batch, seq, d_model] -> final normed states [batch, seq, d_model].
 
-        positions: [batch, seq] RoPE position ids (default 0..seq-1). dropout_rng: a key turns
+        positions: [batch or 1, seq] RoPE position ids (default 0..seq-1). dropout_rng: a key turns
         dropout on (training); None is the deterministic model (evaluation).
         """
-        batch, seq, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        if positions is None:  # one table row shared by the batch, not recomputed per row
+            positions = jnp.arange(x.shape[1])[None, :]
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)

@@ -1,0 +1,32 @@
+"""The throughput benchmark runs, and its two contenders compute the same losses.
+
+Wall-clock numbers are printed by the script, never asserted here (they depend on the machine).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_prints_a_checked_table(capsys):
+    rows = _load().main(["--quick"])
+    out = capsys.readouterr().out
+    assert {r["objective"] for r in rows} == {"ar", "diffusion"}
+    for row in rows:
+        assert row["max_loss_diff"] < 1e-3  # ours and the plain-JAX reference agree
+    assert "ours/ref" in out and "GFLOP/s" in out
+
+
+def test_benchmark_rejects_an_unknown_size():
+    with pytest.raises(SystemExit):
+        _load().main(["--sizes", "huge"])

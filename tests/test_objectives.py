@@ -1,0 +1,318 @@
+"""AR and masked-diffusion objectives against float64 numpy formulas (PAPER.md §1.2, §5)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dvar_jax.objectives.diffusion as diffusion_module
+from dvar_jax.model.transformer import Transformer, TransformerConfig, padded_vocab_size
+from dvar_jax.objectives import get_objective
+from dvar_jax.objectives.ar import ar_loss, ar_validation_loss
+from dvar_jax.objectives.diffusion import (
+    diffusion_loss,
+    diffusion_validation_loss,
+    masked_diffusion_token_losses,
+    stratified_times,
+)
+
+TOKENIZER_VOCAB = 50
+MASK_ID = TOKENIZER_VOCAB  # the first padded row, as in the study
+VOCAB = 64  # padded logit width of the fake models
+
+
+class FakeModel:
+    """`model(tokens, dropout_rng=None) -> logits` with logits fixed in advance; records every
+    call's (tokens, dropout_rng). Used only outside jit/scan so the records are concrete."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = np.asarray(logits, np.float32)
+        self.calls: list[tuple[np.ndarray, object]] = []
+
+    def __call__(self, tokens, dropout_rng=None):
+        assert tokens.shape == self.logits.shape[:2]
+        self.calls.append((np.asarray(tokens), dropout_rng))
+        return jnp.asarray(self.logits)
+
+
+def constant_model(row_logits: np.ndarray):
+    """A model whose logits [seq, vocab] ignore the input (broadcast over the batch); safe
+    under jit and scan."""
+    row = jnp.asarray(row_logits, jnp.float32)
+
+    def model(tokens, dropout_rng=None):
+        return jnp.broadcast_to(row, (*tokens.shape, row.shape[-1]))
+
+    return model
+
+
+# For fake models (plain functions, static) on many draws: one compile instead of every op.
+_jit_token_losses = jax.jit(masked_diffusion_token_losses, static_argnums=(0, 4))
+
+
+def ce64(logits, targets) -> np.ndarray:
+    """Cross-entropy -log softmax(logits)[target] per position, in float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_probs, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def p_mask(t) -> np.ndarray:
+    """The study's linear schedule with eps = 1e-3 (PAPER.md §5), float64."""
+    return (1 - 1e-3) * np.asarray(t, np.float64) + 1e-3
+
+
+def random_logits(seed, shape, scale=3.0):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+def random_tokens(seed, shape):
+    return np.random.default_rng(seed).integers(0, TOKENIZER_VOCAB, shape).astype(np.int32)
+
+
+# ---------------------------------------------------------------- AR
+
+
+def test_ar_loss_is_mean_next_token_ce_of_shifted_tokens():
+    """ar_loss feeds tokens[:, :-1] (with the rng as dropout key) and returns the mean CE
+    against tokens[:, 1:], equal to a float64 log-softmax computation."""
+    tokens = random_tokens(0, (3, 11))
+    model = FakeModel(random_logits(1, (3, 10, VOCAB)))
+    rng = jax.random.key(4)
+    loss, metrics = ar_loss(model, jnp.asarray(tokens), rng, MASK_ID)
+    (seen, dropout_rng), = model.calls
+    np.testing.assert_array_equal(seen, tokens[:, :-1])
+    assert dropout_rng is rng
+    expected = ce64(model.logits, tokens[:, 1:]).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # Guard: the same logits scored against the unshifted tokens give another number.
+    assert abs(ce64(model.logits, tokens[:, :-1]).mean() - expected) > 1e-2
+    assert isinstance(metrics, dict)
+
+
+def test_ar_validation_loss_is_exact_per_sequence_sum_of_ce():
+    """AR validation: deterministic model call (no dropout key), per-sequence sum of the
+    next-token CE over all positions (not the mean)."""
+    tokens = random_tokens(2, (4, 9))
+    model = FakeModel(random_logits(3, (4, 8, VOCAB)))
+    out = ar_validation_loss(model, jnp.asarray(tokens), jax.random.key(0), MASK_ID, num_mc=5)
+    (seen, dropout_rng), = model.calls
+    np.testing.assert_array_equal(seen, tokens[:, :-1])
+    assert dropout_rng is None
+    assert out.shape == (4,)
+    np.testing.assert_allclose(np.asarray(out), ce64(model.logits, tokens[:, 1:]).sum(axis=1),
+                               rtol=1e-6)
+
+
+# ---------------------------------------------------------------- diffusion, exact
+
+
+def test_masked_token_losses_are_ce_over_p_exactly_where_the_model_saw_mask():
+    """Rows at t = 0, 0.3, 0.7, 1: the model sees MASK exactly where the loss is nonzero and
+    the clean token elsewhere; each nonzero loss is CE/p with p = (1 - 1e-3) t + 1e-3; t = 1
+    masks every position with weight 1."""
+    t = np.array([0.0, 0.3, 0.7, 1.0], np.float32)
+    clean = random_tokens(5, (4, 32))
+    model = FakeModel(random_logits(6, (4, 32, VOCAB)))
+    key = jax.random.key(11)
+    losses = np.asarray(masked_diffusion_token_losses(
+        model, jnp.asarray(clean), jnp.asarray(t), jax.random.key(3), MASK_ID, dropout_rng=key))
+    (noisy, dropout_rng), = model.calls
+    assert dropout_rng is key
+    masked = noisy == MASK_ID
+    np.testing.assert_array_equal(noisy[~masked], clean[~masked])
+    np.testing.assert_array_equal(losses != 0, masked)
+    expected = ce64(model.logits, clean) / p_mask(t)[:, None]
+    np.testing.assert_allclose(losses[masked], expected[masked], rtol=1e-5)
+    assert masked[3].all()  # t = 1: p = 1, everything masked
+    np.testing.assert_allclose(losses[3], ce64(model.logits[3], clean[3]), rtol=1e-5)
+    assert 0 < masked[1].sum() < masked[2].sum() < 32  # the rates follow t
+
+
+def test_diffusion_loss_divides_by_all_positions_and_drops_the_last_token(monkeypatch):
+    """diffusion_loss: the model sees tokens[:, :-1] (seq = window - 1) with MASK where
+    masked; loss = sum over masked of CE/p, divided by batch*seq (not by the masked count:
+    here the two differ by far more than the tolerance)."""
+    seen_t = []
+
+    def recording(model, clean, t, rng, mask_id, dropout_rng=None, **kw):
+        seen_t.append(np.asarray(t, np.float64))
+        assert dropout_rng is not None  # training: dropout on
+        return masked_diffusion_token_losses(model, clean, t, rng, mask_id, dropout_rng, **kw)
+
+    monkeypatch.setattr(diffusion_module, "masked_diffusion_token_losses", recording)
+    batch, window = 4, 33
+    tokens = random_tokens(7, (batch, window))
+    model = FakeModel(random_logits(8, (batch, window - 1, VOCAB)))
+    loss, metrics = diffusion_loss(model, jnp.asarray(tokens), jax.random.key(21), MASK_ID)
+
+    (noisy, _), = model.calls
+    (t,) = seen_t
+    assert noisy.shape == (batch, window - 1)
+    assert np.all((t >= 0) & (t < 1)) and len(set(t.tolist())) == batch
+    masked = noisy == MASK_ID
+    np.testing.assert_array_equal(noisy[~masked], tokens[:, :-1][~masked])
+    weighted = np.where(masked, ce64(model.logits, tokens[:, :-1]) / p_mask(t)[:, None], 0.0)
+    expected = weighted.sum() / (batch * (window - 1))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    by_masked_count = weighted.sum() / masked.sum()
+    assert masked.sum() < 0.8 * masked.size
+    assert abs(by_masked_count - expected) > 0.2 * expected
+    assert float(metrics["masked_fraction"]) == pytest.approx(masked.mean(), abs=1e-6)
+    # Guard: scoring the shifted window (tokens[:, 1:]) would give another number.
+    shifted = np.where(masked, ce64(model.logits, tokens[:, 1:]) / p_mask(t)[:, None], 0.0)
+    assert abs(shifted.sum() / masked.size - expected) > 1e-2
+
+
+# ---------------------------------------------------------------- diffusion, statistics
+
+
+_UNBIASED_LOGITS = random_logits(9, (16, VOCAB))
+_UNBIASED_MODEL = constant_model(_UNBIASED_LOGITS)  # one object: one compile for every t
+
+
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.9])
+def test_weighted_masked_loss_is_unbiased_for_mean_ce(t):
+    """For input-independent logits, E_mask[sum_j loss_j / L] = mean_j CE_j at any fixed t.
+    4000 independent mask draws (rows of one repeated sequence); |MC mean - target| must be
+    under 4 standard errors. The masked fraction is p within 4 binomial sigmas."""
+    draws, seq = 4000, 16
+    row_logits = _UNBIASED_LOGITS
+    clean_row = random_tokens(10, (seq,))
+    clean = jnp.asarray(np.broadcast_to(clean_row, (draws, seq)))
+    losses = np.asarray(_jit_token_losses(_UNBIASED_MODEL, clean,
+                                          jnp.full((draws,), t), jax.random.key(12), MASK_ID),
+                        np.float64)
+    estimates = losses.sum(axis=1) / seq
+    target = ce64(row_logits, clean_row).mean()
+    stderr = estimates.std(ddof=1) / math.sqrt(draws)
+    assert abs(estimates.mean() - target) < 4 * stderr
+    p = p_mask(t)
+    fraction = (losses > 0).mean()
+    assert abs(fraction - p) < 4 * math.sqrt(p * (1 - p) / losses.size)
+
+
+@pytest.mark.parametrize("num_mc", [1, 4, 7, 32])
+def test_stratified_times_one_per_stratum_spaced_by_one_over_k(num_mc):
+    """K values, in [0, 1), exactly one in each [k/K, (k+1)/K) after sorting, and
+    t_k - t_0 = k/K (mod 1)."""
+    for seed in range(5):
+        t = np.asarray(stratified_times(jax.random.key(seed), num_mc), np.float64)
+        assert t.shape == (num_mc,)
+        assert np.all((t >= 0) & (t < 1))
+        np.testing.assert_array_equal(np.floor(np.sort(t) * num_mc), np.arange(num_mc))
+        offset = (t - t[0] - np.arange(num_mc) / num_mc) % 1.0
+        circular = np.minimum(offset, 1.0 - offset)
+        assert circular.max() < 1e-6
+
+
+def test_stratified_times_offset_is_uniform_over_keys():
+    """The common offset u differs per key and is U(0, 1): the mean of t_0 over 1000 keys is
+    within 4 sigma of 1/2 (sigma = sqrt(1/12/1000))."""
+    t0 = np.asarray(jax.vmap(lambda k: stratified_times(k, 4))(
+        jax.random.split(jax.random.key(0), 1000))[:, 0], np.float64)
+    assert len(np.unique(t0)) == 1000
+    assert abs(t0.mean() - 0.5) < 4 * math.sqrt(1 / 12 / 1000)
+
+
+def test_diffusion_validation_loss_averages_num_mc_draws_at_stratified_times():
+    """diffusion_validation_loss == mean over k of K manual masked_diffusion_token_losses
+    sums, with each sequence's own stratified t set and a fresh mask key per draw, as the
+    docstring documents (keys: split(rng) -> (t, mask); t per row from split(t_rng, batch);
+    mask key fold_in(mask_rng, k))."""
+    batch, window, num_mc = 3, 13, 4
+    tokens = random_tokens(13, (batch, window))
+    row_logits = random_logits(14, (window - 1, VOCAB))
+    model = constant_model(row_logits)
+    rng = jax.random.key(15)
+    out = np.asarray(diffusion_validation_loss(model, jnp.asarray(tokens), rng, MASK_ID,
+                                               num_mc))
+    clean = jnp.asarray(tokens[:, :-1])
+    t_rng, mask_rng = jax.random.split(rng)
+    t = np.stack([np.asarray(stratified_times(k, num_mc))
+                  for k in jax.random.split(t_rng, batch)])
+    manual = np.mean([np.asarray(_jit_token_losses(
+        model, clean, jnp.asarray(t[:, k]), jax.random.fold_in(mask_rng, k), MASK_ID)).sum(-1)
+        for k in range(num_mc)], axis=0)
+    assert out.shape == (batch,)
+    np.testing.assert_allclose(out, manual, rtol=1e-5)
+
+
+def test_diffusion_validation_loss_is_unbiased_for_the_sequence_ce_sum():
+    """For input-independent logits, the per-sequence validation loss (K = 4 draws) has
+    expectation sum_j CE_j over the seq = window - 1 positions; checked on 2000 copies of
+    one sequence within 4 standard errors. Copies get different values (own t and masks)."""
+    copies, window, num_mc = 2000, 17, 4
+    row_logits = random_logits(16, (window - 1, VOCAB))
+    tokens_row = random_tokens(17, (window,))
+    tokens = jnp.asarray(np.broadcast_to(tokens_row, (copies, window)))
+    out = np.asarray(jax.jit(diffusion_validation_loss, static_argnums=(0, 3, 4))(
+        constant_model(row_logits), tokens, jax.random.key(18), MASK_ID, num_mc), np.float64)
+    target = ce64(row_logits, tokens_row[:-1]).sum()
+    stderr = out.std(ddof=1) / math.sqrt(copies)
+    assert len(np.unique(out)) > copies // 2
+    assert abs(out.mean() - target) < 4 * stderr
+
+
+# ---------------------------------------------------------------- real model at init
+
+
+@pytest.fixture(scope="module")
+def losses_at_init():
+    """A tiny real model (bidirectional; the mask does not change the init-time argument: at
+    init every logit vector is nearly uniform whatever the model attends to), 1024 random
+    windows of 33 tokens over a 200-token vocabulary (V_padded = 256), and three losses in
+    one compiled program: AR, diffusion, and the diffusion token losses at t = 1."""
+    cfg = TransformerConfig(vocab_size=padded_vocab_size(200), d_model=32, n_layers=2,
+                            n_heads=2, head_dim=16, causal=False)
+    assert cfg.vocab_size == 256
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (1024, 33), 0, 200)
+
+    @nnx.jit
+    def losses(model, tokens):
+        ar, _ = ar_loss(model, tokens, jax.random.key(1), 200)
+        diffusion, _ = diffusion_loss(model, tokens, jax.random.key(2), 200)
+        all_masked = masked_diffusion_token_losses(model, tokens[:, :-1], jnp.ones(1024),
+                                                   jax.random.key(3), 200)
+        return ar, diffusion, all_masked.mean()
+
+    return [float(x) for x in losses(model, tokens)]
+
+
+def test_ar_loss_at_init_is_log_padded_vocab(losses_at_init):
+    """At init (std 0.02 weights) logits are nearly uniform, so CE ~ ln(V_padded) = ln 256;
+    AR averages 32k positions with no sampling weights: within 0.1."""
+    ar, _, _ = losses_at_init
+    assert abs(ar - math.log(256)) < 0.1
+
+
+def test_diffusion_loss_at_init_is_log_padded_vocab(losses_at_init):
+    """Diffusion at init: the 1/p-weighted estimator has the same expectation ln(V_padded),
+    but its per-sequence variance given t is CE^2 (1 - p) / (p L); averaged over t ~ U(0, 1)
+    that is CE^2 E[(1 - p)/p] / L ~ 31 * 5.9 / 32 ~ 5.7, so over 1024 sequences the standard
+    error is ~0.075: tolerance 0.3 (~4 se). At t = 1
+    (everything masked, p = 1) there is no sampling noise: within 0.1."""
+    _, diffusion, all_masked = losses_at_init
+    assert abs(diffusion - math.log(256)) < 0.3
+    assert abs(all_masked - math.log(256)) < 0.1
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_get_objective_registry():
+    """ar is causal with the AR losses; diffusion is bidirectional with the diffusion losses;
+    an unknown name raises ValueError naming it and the allowed ones."""
+    ar, diffusion = get_objective("ar"), get_objective("diffusion")
+    assert (ar.name, ar.causal, ar.loss, ar.validation_loss) == (
+        "ar", True, ar_loss, ar_validation_loss)
+    assert (diffusion.name, diffusion.causal, diffusion.loss, diffusion.validation_loss) == (
+        "diffusion", False, diffusion_loss, diffusion_validation_loss)
+    with pytest.raises(ValueError, match="nope") as err:
+        get_objective("nope")
+    assert "'ar'" in str(err.value) and "'diffusion'" in str(err.value)
