@@ -50,6 +50,7 @@ from dvar_jax.model.transformer import (
 from dvar_jax.objectives import get_objective
 from dvar_jax.perf import measure_matmul_peak
 from dvar_jax.scaling.flops import matmul_flops_per_token
+from dvar_jax.sharding import make_mesh, rules_from_config
 from dvar_jax.train import create_train_state, make_optimizer, make_train_step
 
 OBJECTIVE_NAMES = ("ar", "diffusion")
@@ -289,7 +290,11 @@ def bench_one(size: str, objective_name: str, args: argparse.Namespace,
                                 args.vocab, dtype=jnp.int32)
 
     tx = make_optimizer(train_cfg, SCHEDULE_STEPS)
-    graphdef, state = create_train_state(model_cfg, tx, seed)
+    # Exactly what `dvar train` runs: state and step placed on the configured mesh (1 device
+    # here, so every sharding is trivial but the constraints and explicit shardings are real).
+    base = get_config()
+    graphdef, state, placement = create_train_state(
+        model_cfg, tx, seed, make_mesh(base.mesh), rules_from_config(base.mesh.rules))
     n_params = count_params(nnx.merge(graphdef, state.params))
     # Jitted: one compile instead of one per slice and copy.
     ref_params = jax.jit(ref_params_from_ours, static_argnums=1)(state.params, ref_cfg)
@@ -300,7 +305,8 @@ def bench_one(size: str, objective_name: str, args: argparse.Namespace,
     # Our step derives its key as fold_in(fold_in(key(seed), 1), step): use the same base.
     ref_key = jax.random.fold_in(jax.random.key(seed), 1)
 
-    ours = contender("ours", make_train_step(graphdef, objective, tx, mask_id, seed), state,
+    ours = contender("ours", make_train_step(graphdef, objective, tx, mask_id, seed, placement),
+                     state,
                      tokens, lambda m: m["loss"])
     ref = contender("ref", make_ref_step(ref_cfg, objective_name, ref_tx, ref_key), ref_state,
                     tokens, lambda loss: loss)

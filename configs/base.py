@@ -64,6 +64,29 @@ def get_config() -> ConfigDict:
     c.train.grad_clip = 1.0  # global norm
     c.train.log_every = 10  # steps
 
+    c.mesh = ConfigDict()
+    # Device mesh (data, fsdp, tensor); one axis may be -1 = all remaining devices. The product
+    # must equal the number of devices (of all hosts).
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical axis -> mesh axes (or None = replicated): the one place sharding is decided.
+    # Parameters: vocab/embed/qkv/heads/mlp/norm; activations: batch/seq/activation_embed.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("activation_embed", None),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("qkv", "tensor"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("norm", None),
+    )
+    # Multi-host start-up: "auto" calls jax.distributed.initialize() when the environment names
+    # a coordinator or several TPU workers; "on" always; "off" never.
+    c.distributed = "auto"
+
     c.eval = ConfigDict()
     c.eval.every_epochs = 1.0  # validation cadence, in (fractional) epochs
     c.eval.batch_size = 32

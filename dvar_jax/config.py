@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 from configs.models import MODEL_SIZES
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
 from dvar_jax.objectives import OBJECTIVES
+from dvar_jax.sharding import rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
 DATA_SOURCES = ("shakespeare", "text")
@@ -85,6 +86,18 @@ def validate_config(cfg: ConfigDict) -> None:
     check(t.eps > 0, f"train.eps={t.eps}: must be > 0")
     check(t.grad_clip > 0, f"train.grad_clip={t.grad_clip}: must be > 0")
     check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
+
+    m = cfg.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        check(m[axis] == -1 or m[axis] >= 1, f"mesh.{axis}={m[axis]}: must be >= 1 or -1 (fill)")
+    check([m.data, m.fsdp, m.tensor].count(-1) <= 1,
+          f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: at most one -1")
+    try:
+        rules_from_config(m.rules)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    check(cfg.distributed in ("auto", "on", "off"),
+          f"distributed={cfg.distributed!r}: allowed auto, on, off")
 
     e = cfg.eval
     check(e.every_epochs > 0, f"eval.every_epochs={e.every_epochs}: must be > 0")

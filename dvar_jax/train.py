@@ -6,6 +6,7 @@ I/O (metrics, progress, TensorBoard) stays in `train`, the loop at the edge.
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -26,6 +28,17 @@ from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import Objective, get_objective
 from dvar_jax.perf import measure_matmul_peak
 from dvar_jax.scaling.flops import matmul_flops_per_token, paper_param_count, training_flops
+from dvar_jax.sharding import (
+    LogicalRules,
+    activation_sharding,
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    replicated_rows,
+    rules_from_config,
+    train_state_shardings,
+)
 
 
 class TrainState(NamedTuple):
@@ -54,18 +67,47 @@ def make_optimizer(train_cfg: ConfigDict, num_steps: int) -> optax.GradientTrans
     )
 
 
-def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
-                       seed: int) -> tuple[nnx.GraphDef, TrainState]:
-    """A freshly initialised model (split into its static graph and its parameters) + optimizer."""
+class Placement(NamedTuple):
+    """Where a run's arrays live: its mesh and the shardings derived from the rule table."""
+
+    mesh: Mesh
+    state: TrainState  # a NamedSharding per leaf
+    batch: NamedSharding  # token batches [batch, seq + 1]
+    replicated: NamedSharding
+
+
+def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                       mesh: Mesh | None = None, rules: LogicalRules = ()
+                       ) -> tuple[nnx.GraphDef, TrainState, Placement | None]:
+    """A freshly initialised model, split into its static graph and its parameters, + optimizer.
+
+    With a mesh, shapes are worked out abstractly first and one jitted init creates every array
+    directly in its shards: no device ever holds a full copy of a sharded parameter.
+    """
     init_key = jax.random.fold_in(jax.random.key(seed), 0)
-    model = Transformer(model_cfg, rngs=nnx.Rngs(params=init_key))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    def init() -> TrainState:
+        params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    placement = None
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        placement = Placement(mesh, train_state_shardings(jax.eval_shape(init), tx, mesh, rules),
+                              batch_sharding(mesh, rules), replicated)
+    state = jax.jit(init, out_shardings=None if placement is None else placement.state)()
+    return graphdef, state, placement
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
-                    tx: optax.GradientTransformation, mask_id: int, seed: int):
-    """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated."""
+                    tx: optax.GradientTransformation, mask_id: int, seed: int,
+                    placement: Placement | None = None):
+    """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated.
+
+    With a placement, inputs and outputs have explicit shardings and metrics come back
+    replicated.
+    """
     step_key = jax.random.fold_in(jax.random.key(seed), 1)
 
     def step_fn(state: TrainState, tokens: jax.Array):
@@ -80,16 +122,28 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step_fn, donate_argnums=0)
+    if placement is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    return jax.jit(step_fn, donate_argnums=0,
+                   in_shardings=(placement.state, placement.batch),
+                   out_shardings=(placement.state, placement.replicated))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, mask_id: int, num_mc: int):
-    """Jitted (params, tokens [batch, seq + 1], rng) -> per-sequence summed loss [batch]."""
+def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, mask_id: int, num_mc: int,
+                   placement: Placement | None = None):
+    """(params, tokens [batch, seq + 1] numpy, rng) -> per-sequence summed loss [batch]."""
 
     def eval_fn(params, tokens, rng):
         return objective.validation_loss(nnx.merge(graphdef, params), tokens, rng, mask_id, num_mc)
 
-    return jax.jit(eval_fn)
+    if placement is None:
+        return jax.jit(eval_fn)
+    jitted = jax.jit(eval_fn, in_shardings=(placement.state.params, placement.batch,
+                                            placement.replicated),
+                     out_shardings=placement.replicated)
+    # Every process holds all validation windows: each contributes the rows of its devices.
+    return lambda params, tokens, rng: jitted(
+        params, replicated_rows(np.asarray(tokens), placement.batch), rng)
 
 
 def evaluate(eval_step, params: nnx.State, windows: np.ndarray, batch_size: int,
@@ -125,9 +179,24 @@ class RunSummary(NamedTuple):
 def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None) -> RunSummary:
     """Trains one model as `cfg` says, writing config.json, metrics.jsonl and tb/ to workdir."""
     validate_config(cfg)
+    maybe_initialize_distributed(cfg.distributed)
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_from_config(cfg.mesh.rules)
+    batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    for key in ("train.batch_size", "eval.batch_size"):
+        size = cfg[key.split(".")[0]].batch_size
+        if size % batch_shards:
+            raise ValueError(f"{key}={size} must divide by the {batch_shards} batch shards of "
+                             f"the mesh {dict(mesh.shape)}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json(indent=2))
+    with activation_sharding(mesh, rules):
+        return _train_loop(cfg, workdir, mesh, rules, progress)
+
+
+def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
+                progress: bool | None) -> RunSummary:
 
     streams = load_token_streams(cfg.data)
     batches = TrainBatches.from_config(cfg, streams.train)
@@ -139,9 +208,9 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None)
     num_steps = batches.num_steps
     tx = make_optimizer(cfg.train, num_steps)
     schedule = lr_schedule(cfg.train, num_steps)
-    graphdef, state = create_train_state(model_cfg, tx, cfg.seed)
-    train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed)
-    eval_step = make_eval_step(graphdef, objective, mask_id, cfg.eval.num_mc)
+    graphdef, state, placement = create_train_state(model_cfg, tx, cfg.seed, mesh, rules)
+    train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed, placement)
+    eval_step = make_eval_step(graphdef, objective, mask_id, cfg.eval.num_mc, placement)
 
     n_params = paper_param_count(model_cfg.d_model, model_cfg.n_layers,
                                  streams.tokenizer.vocab_size)
@@ -169,7 +238,7 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None)
     pending: list[dict] = []
     interval_start, interval_steps = None, 0
     for step, tokens in enumerate(batches.iterate(0), start=1):
-        state, metrics = train_step(state, tokens)
+        state, metrics = train_step(state, global_batch(tokens, placement.batch))
         pending.append(metrics)
         if interval_start is None:  # the first step compiles: time from its end
             jax.block_until_ready(state.step)

@@ -92,7 +92,7 @@ def test_train_step_is_deterministic_and_learns_a_fixed_batch(objective):
     tokens = _tokens(8, 17)
     losses = []
     for _ in range(2):
-        graphdef, state = create_train_state(model_cfg, tx, seed=3)
+        graphdef, state, _ = create_train_state(model_cfg, tx, seed=3)
         step = make_train_step(graphdef, get_objective(objective), tx, mask_id=100, seed=3)
         run = []
         for _ in range(40):
@@ -107,7 +107,7 @@ def test_train_step_is_deterministic_and_learns_a_fixed_batch(objective):
 def test_evaluate_averages_every_token_once_whatever_the_batch_size():
     model_cfg = TransformerConfig(causal=True, **TINY)
     tx = make_optimizer(get_config().train, 10)
-    graphdef, state = create_train_state(model_cfg, tx, seed=0)
+    graphdef, state, _ = create_train_state(model_cfg, tx, seed=0)
     windows = _tokens(7, 9, seed=1)
     eval_step = make_eval_step(graphdef, get_objective("ar"), mask_id=100, num_mc=1)
     # Reference: float64 log-softmax CE of every position of every window, averaged.
@@ -125,7 +125,7 @@ def test_evaluate_averages_every_token_once_whatever_the_batch_size():
 def test_diffusion_evaluation_is_fixed_by_its_seed():
     model_cfg = TransformerConfig(causal=False, **TINY)
     tx = make_optimizer(get_config().train, 10)
-    graphdef, state = create_train_state(model_cfg, tx, seed=0)
+    graphdef, state, _ = create_train_state(model_cfg, tx, seed=0)
     windows = _tokens(6, 9, seed=2)
     eval_step = make_eval_step(graphdef, get_objective("diffusion"), mask_id=100, num_mc=4)
     a = evaluate(eval_step, state.params, windows, 4, seed=5)

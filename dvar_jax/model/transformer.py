@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dvar_jax.model.attention import apply_rope, dot_product_attention, rope_tables
+from dvar_jax.sharding import constrain
+
+# Logical names of the residual stream [batch, seq, d_model] at block boundaries.
+RESIDUAL_AXES = ("batch", "seq", "activation_embed")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -148,7 +152,7 @@ class Transformer(nnx.Module):
         rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         for block in self.blocks:
-            x = block(x, cos, sin, rngs)
+            x = constrain(block(constrain(x, RESIDUAL_AXES), cos, sin, rngs), RESIDUAL_AXES)
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
