@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# libtpu ships for x86-64 Linux only: there the `tpu` extra is installed so the tests can
+# compile for a TPU topology ahead of time (`dvar plan-memory`).
+comma := ,
+EXTRAS := dev$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(comma)tpu)
 
 .PHONY: demo test lint venv clean
 
@@ -12,7 +16,7 @@ $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"Python >= 3.11 is required, found {v.major}.{v.minor} at {sys.executable}")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)

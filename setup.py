@@ -37,6 +37,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8,<10", "ruff>=0.6"],
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
+        # compile for a TPU topology on a CPU-only machine. Same range as jax above.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={"console_scripts": ["dvar=dvar_jax.cli:main"]},
 )

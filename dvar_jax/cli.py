@@ -24,9 +24,10 @@ class UsageError(Exception):
 class Subcommand:
     summary: str
     default_config: str
-    workdir_default: str | None
-    workdir_help: str
     run: Callable[[flags.FlagValues], int]
+    # (name, default, help) of the subcommand's own string flags; a None default = required.
+    string_flags: tuple[tuple[str, str | None, str], ...] = ()
+    progress_flag: bool = True
 
 
 def _flag_values(argv: list[str], sub: Subcommand) -> flags.FlagValues:
@@ -35,9 +36,12 @@ def _flag_values(argv: list[str], sub: Subcommand) -> flags.FlagValues:
         "config", default=str(CONFIGS_DIR / sub.default_config), flag_values=fv,
         lock_config=True, sys_argv=argv,
         help_string="Config file with get_config(); override fields with --config.KEY=VALUE.")
-    flags.DEFINE_string("workdir", sub.workdir_default, sub.workdir_help, flag_values=fv)
-    flags.DEFINE_boolean("progress", None, "Progress bar with ETA (default: only on a terminal).",
-                         flag_values=fv)
+    for name, default, text in sub.string_flags:
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+    if sub.progress_flag:
+        flags.DEFINE_boolean("progress", None,
+                             "Progress bar with ETA (default: only on a terminal).",
+                             flag_values=fv)
     return fv
 
 
@@ -56,8 +60,9 @@ def _parse(argv: list[str], sub: Subcommand) -> flags.FlagValues:
                          "every key is listed by --help and in configs/base.py") from e
     except OSError as e:  # the config file could not be loaded
         raise UsageError(str(e).replace("config_config", "--config")) from e
-    if not fv.workdir:
-        raise UsageError("--workdir is required (the folder the run writes to)")
+    for name, default, text in sub.string_flags:
+        if default is None and not fv[name].value:
+            raise UsageError(f"--{name} is required ({text})")
     return fv
 
 
@@ -75,7 +80,8 @@ def _help(name: str, sub: Subcommand) -> str:
     fv = _flag_values([f"dvar {name}"], sub)
     fv([f"dvar {name}"])
     text = [f"usage: dvar {name} [--flags]", "", sub.summary, "", "flags:"]
-    for flag in (fv["config"], fv["workdir"], fv["progress"]):
+    names = ["config"] + [f[0] for f in sub.string_flags] + (["progress"] * sub.progress_flag)
+    for flag in (fv[n] for n in names):
         default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
         text.append(f"  --{flag.name}: {flag.help} (default: {default})")
     text += ["", f"config keys and their defaults in configs/{sub.default_config}:"]
@@ -99,22 +105,43 @@ def _run_demo(fv: flags.FlagValues) -> int:
     return 0
 
 
+def _run_plan_memory(fv: flags.FlagValues) -> int:
+    from dvar_jax.memory_plan import format_plan, plan_memory, tpu_devices
+
+    cfg = fv.config
+    if fv.mesh:
+        try:
+            cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in fv.mesh.split(","))
+        except ValueError as e:
+            raise UsageError(f"--mesh={fv.mesh!r}: expected DATA,FSDP,TENSOR, e.g. 1,4,1 "
+                             "(one may be -1 = the remaining devices)") from e
+    print(format_plan(plan_memory(cfg, tpu_devices(fv.topology)), cfg, fv.topology))
+    return 0
+
+
 SUBCOMMANDS = {
     "train": Subcommand(
-        "Train one model (objective ar or diffusion) as the config says.", "base.py", None,
-        "Run folder for config.json, metrics.jsonl, summary.json and tb/ (required).",
-        _run_train),
+        "Train one model (objective ar or diffusion) as the config says.", "base.py",
+        _run_train, (("workdir", None,
+                      "run folder for config.json, metrics.jsonl, summary.json and tb/"),)),
     "demo": Subcommand(
         "Train AR and diffusion models of one size on the same small unique-token budget for "
-        "many epochs; write report.md and curves.png.", "demo.py", "runs/demo",
-        "Folder for both runs, report.md and curves.png.", _run_demo),
+        "many epochs; write report.md and curves.png.", "demo.py", _run_demo,
+        (("workdir", "runs/demo", "folder for both runs, report.md and curves.png"),)),
+    "plan-memory": Subcommand(
+        "Compile the train step ahead of time for a TPU topology (no TPU needed; extra `tpu`) "
+        "and print per-device memory, compiled cost and a roofline step time.", "base.py",
+        _run_plan_memory,
+        (("topology", None, "TPU topology name, e.g. v5p:2x2x1, v5e:2x4, v4:2x2x1"),
+         ("mesh", "", "DATA,FSDP,TENSOR mesh over the topology's devices (default: "
+                      "config.mesh)")), progress_flag=False),
 }
 
 
 def _usage() -> str:
     lines = ["usage: dvar SUBCOMMAND [--flags]    (dvar SUBCOMMAND --help lists its flags)", "",
              "subcommands:"]
-    return "\n".join(lines + [f"  {n:<7} {s.summary}" for n, s in SUBCOMMANDS.items()])
+    return "\n".join(lines + [f"  {n:<12} {s.summary}" for n, s in SUBCOMMANDS.items()])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,14 +77,11 @@ class Placement(NamedTuple):
     replicated: NamedSharding
 
 
-def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
-                       mesh: Mesh | None = None, rules: LogicalRules = ()
-                       ) -> tuple[nnx.GraphDef, TrainState, Placement | None]:
-    """A freshly initialised model, split into its static graph and its parameters, + optimizer.
-
-    With a mesh, shapes are worked out abstractly first and one jitted init creates every array
-    directly in its shards: no device ever holds a full copy of a sharded parameter.
-    """
+def plan_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                     mesh: Mesh | None = None, rules: LogicalRules = ()
+                     ) -> tuple[nnx.GraphDef, Callable[[], TrainState], Placement | None]:
+    """The model's static graph, the pure init function of the train state, and (with a mesh)
+    where every array of it goes. Nothing is allocated: shapes are worked out abstractly."""
     init_key = jax.random.fold_in(jax.random.key(seed), 0)
 
     def init() -> TrainState:
@@ -96,6 +94,18 @@ def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransform
         replicated = NamedSharding(mesh, PartitionSpec())
         placement = Placement(mesh, train_state_shardings(jax.eval_shape(init), tx, mesh, rules),
                               batch_sharding(mesh, rules), replicated)
+    return graphdef, init, placement
+
+
+def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                       mesh: Mesh | None = None, rules: LogicalRules = ()
+                       ) -> tuple[nnx.GraphDef, TrainState, Placement | None]:
+    """A freshly initialised model, split into its static graph and its parameters, + optimizer.
+
+    With a mesh, one jitted init creates every array directly in its shards: no device ever
+    holds a full copy of a sharded parameter.
+    """
+    graphdef, init, placement = plan_train_state(model_cfg, tx, seed, mesh, rules)
     state = jax.jit(init, out_shardings=None if placement is None else placement.state)()
     return graphdef, state, placement
 

@@ -1,7 +1,12 @@
 """Shared test fixtures."""
 
+import os
 import random
 from pathlib import Path
+
+# With the `tpu` extra installed, every JAX process loads libtpu, which takes a machine-wide
+# lock file; tests start several JAX processes at once (workers, `dvar plan-memory`).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest
 
