@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Drive Cloud TPU VMs for dvar-jax: create, setup, train, sweep, delete.
+# Drive Cloud TPU VMs for dvar-jax: create (directly or as a queued resource), setup, train, sweep,
+# logs, fetch, status, delete.
 # Usage: launch/tpu_vm.sh SUBCOMMAND [options] [-- dvar train args]   (-h for every option)
 # Every gcloud call goes through run(); --dry-run (or DRY_RUN=1) prints them, "+ " first, and
 # runs nothing.
@@ -13,10 +14,11 @@ PROG=launch/tpu_vm.sh
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$SCRIPT_DIR")
 
-SUBCOMMANDS="create setup train sweep delete"
+SUBCOMMANDS="create setup train sweep logs fetch status delete"
 DEFAULT_TYPE=v5litepod-8
 DEFAULT_DIR=dvar-jax
 DEFAULT_PYTHON=python3.11
+DEFAULT_WORKER=0
 REMOTE_ARCHIVE=dvar-jax-src.tar.gz
 MAX_REMOTE_COMMAND_BYTES=100000  # one argv string may not exceed 128 KiB on Linux
 
@@ -28,7 +30,9 @@ Drives Cloud TPU VMs with 'gcloud compute tpus tpu-vm'. Run with --dry-run first
 every command, one per line, prefixed with '+ ', and runs nothing.
 
 subcommands:
-  create   create the TPU VM (gcloud compute tpus tpu-vm create)
+  create   create the TPU VM (gcloud compute tpus tpu-vm create), or with --queued request it
+           as a queued resource (gcloud compute tpus queued-resources create), which waits
+           for capacity (the way to get Spot slices)
   setup    on every worker: fetch the repo at --ref (git clone of --repo, or a copy of the
            local checkout) into --dir, make --dir/.venv with --python, and
            pip install -e . plus jax[tpu] pinned to the jax range in setup.py
@@ -39,7 +43,15 @@ subcommands:
   sweep    on every worker: run the commands read from --commands FILE or stdin (one per
            line, e.g. from 'dvar sweep run --grid=... --emit-commands'; blank lines and
            '#' comments skipped) one after another, in the background under nohup
-  delete   delete the TPU VM (gcloud compute tpus tpu-vm delete --quiet)
+  logs     follow a train log on --worker (tail -n +1 -F over tpu-vm ssh): --log, or else the
+           newest dvar-logs/train-*.log on that worker
+  fetch    copy the run folder --workdir back: gs://... with gcloud storage rsync; a path on
+           the workers with tpu-vm scp --recurse from --worker (--worker=all: each worker
+           into DEST/worker-K)
+  status   show the TPU VM (tpu-vm describe), or with --queued its queued resource
+           (queued-resources describe: WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, ...)
+  delete   delete the TPU VM (gcloud compute tpus tpu-vm delete --quiet), or with --queued
+           the queued resource and its TPU VM (queued-resources delete --force --quiet)
 
 options (an option may also be written --opt=value):
   --name NAME        TPU VM name; all subcommands (env TPU_NAME; required)
@@ -52,7 +64,11 @@ options (an option may also be written --opt=value):
                      v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                      v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e; other types need --version)
   --spot             create: Spot VM (default: off)
-  --preemptible      create: preemptible VM (default: off; not with --spot)
+  --preemptible      create: preemptible VM (default: off; not with --spot or --queued)
+  --queued           create/status/delete: go through a queued resource named --qr-name
+                     whose node is --name (env TPU_QUEUED=1; default: off)
+  --qr-name QR       create/status/delete with --queued: queued resource id
+                     (default: NAME-qr)
   --repo URL         setup: git URL to clone on the workers (env TPU_REPO; default: the
                      local checkout's 'origin' remote; with no remote, as --copy)
   --ref REF          setup: branch, tag or commit to check out (env TPU_REF; default: the
@@ -61,12 +77,19 @@ options (an option may also be written --opt=value):
                      with tpu-vm scp instead of cloning (default: off)
   --python PYTHON    setup: interpreter for the venv, installed from the deadsnakes PPA
                      when missing (default: $DEFAULT_PYTHON; setup.py needs >= 3.11)
-  --dir DIR          setup/train/sweep: checkout folder on each worker, relative to the
-                     home folder (default: $DEFAULT_DIR)
-  --workdir DIR      train: run folder, gs://BUCKET/PATH or a path on each worker
-                     (relative to --dir); required
+  --dir DIR          setup/train/sweep/logs/fetch: checkout folder on each worker, relative
+                     to the home folder (default: $DEFAULT_DIR)
+  --workdir DIR      train/fetch: run folder, gs://BUCKET/PATH or a path on each worker
+                     (relative to --dir unless it starts with /); required
   --log FILE         train: log file on each worker, relative to --dir
-                     (default: dvar-logs/train-UTCTIMESTAMP.log)
+                     (default: dvar-logs/train-UTCTIMESTAMP.log); logs: the log to follow
+                     (default: the newest dvar-logs/train-*.log on the worker)
+  --worker W         logs/fetch: worker index 0, 1, ... or 'all' (default: $DEFAULT_WORKER)
+  --workers N        fetch --worker=all: number of workers of the slice (default: asked
+                     from gcloud tpu-vm describe; a dry run needs it given)
+  --dest DIR         fetch: local folder the run folder is copied into, as DIR/RUN
+                     (DIR/worker-K/RUN with --worker=all), RUN being the last part of
+                     --workdir (default: tpu-results/NAME)
   --commands FILE    sweep: file with one command per line; '-' is stdin (default: stdin)
   --dry-run          print the commands, run nothing (env DRY_RUN=1; default: off)
   -h, --help         this help
@@ -76,11 +99,16 @@ status 2.
 
 examples:
   $PROG create --name=dvar-1 --zone=us-west4-a --type=v5litepod-8 --spot --dry-run
+  $PROG create --name=dvar-1 --zone=us-west4-a --type=v5litepod-16 --queued --spot
+  $PROG status --name=dvar-1 --zone=us-west4-a --queued
   $PROG setup  --name=dvar-1 --zone=us-west4-a
   $PROG train  --name=dvar-1 --zone=us-west4-a --workdir=gs://my-bucket/runs/diff -- \\
       --config=configs/base.py --config.objective=diffusion
+  $PROG logs   --name=dvar-1 --zone=us-west4-a --worker=all
+  $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=runs/ar --worker=all
   dvar sweep run --grid=grid.py --emit-commands | $PROG sweep --name=dvar-1 --zone=us-west4-a
   $PROG delete --name=dvar-1 --zone=us-west4-a
+  $PROG delete --name=dvar-1 --zone=us-west4-a --queued   # if made with create --queued
 EOF
 }
 
@@ -143,7 +171,7 @@ run() {  # run CMD ARG...: print it (dry run) or echo it to stderr and run it
 [[ $# -gt 0 ]] || { usage >&2; exit 2; }
 case $1 in
   -h | --help) usage; exit 0 ;;
-  create | setup | train | sweep | delete) SUBCOMMAND=$1; shift ;;
+  create | setup | train | sweep | logs | fetch | status | delete) SUBCOMMAND=$1; shift ;;
   *) die_usage "unknown subcommand '$1' (allowed: ${SUBCOMMANDS// /, })" ;;
 esac
 
@@ -159,6 +187,16 @@ case ${DRY_RUN:-0} in
   0 | false | no | "") DRY_RUN=0 ;;
   *) die_usage "DRY_RUN='$DRY_RUN' (allowed: 1, true, yes, 0, false, no)" ;;
 esac
+case ${TPU_QUEUED:-0} in
+  1 | true | yes) QUEUED=1 ;;
+  0 | false | no | "") QUEUED=0 ;;
+  *) die_usage "TPU_QUEUED='$TPU_QUEUED' (allowed: 1, true, yes, 0, false, no)" ;;
+esac
+QR_NAME=""
+WORKER=$DEFAULT_WORKER
+WORKER_GIVEN=0
+WORKERS=""
+DEST=""
 SPOT=0
 PREEMPTIBLE=0
 COPY=0
@@ -172,8 +210,10 @@ PASSTHROUGH=()
 # Which subcommands take each option (the shared ones take all).
 declare -A OPTION_FOR=(
   [--type]="create" [--version]="create" [--spot]="create" [--preemptible]="create"
+  [--queued]="create status delete" [--qr-name]="create status delete"
   [--repo]="setup" [--ref]="setup" [--copy]="setup" [--python]="setup"
-  [--dir]="setup train sweep" [--workdir]="train" [--log]="train" [--commands]="sweep"
+  [--dir]="setup train sweep logs fetch" [--workdir]="train fetch" [--log]="train logs"
+  [--commands]="sweep" [--worker]="logs fetch" [--workers]="fetch" [--dest]="fetch"
 )
 
 while [[ $# -gt 0 ]]; do
@@ -193,10 +233,10 @@ while [[ $# -gt 0 ]]; do
   fi
   case $opt in
     -h | --help) usage; exit 0 ;;
-    --dry-run | --spot | --preemptible | --copy)
+    --dry-run | --spot | --preemptible | --copy | --queued)
       [[ $has_value == 0 ]] || die_usage "option $opt takes no value (got '$arg')" ;;
     --name | --zone | --project | --type | --version | --repo | --ref | --python | --dir \
-      | --workdir | --log | --commands)
+      | --workdir | --log | --commands | --qr-name | --worker | --workers | --dest)
       if [[ $has_value == 0 ]]; then
         [[ $# -gt 0 ]] || die_usage "option $opt needs a value"
         [[ $1 == - || $1 != -* ]] || die_usage "option $opt needs a value, got the option '$1'"
@@ -215,6 +255,11 @@ while [[ $# -gt 0 ]]; do
     --spot) SPOT=1 ;;
     --preemptible) PREEMPTIBLE=1 ;;
     --copy) COPY=1 ;;
+    --queued) QUEUED=1 ;;
+    --qr-name) QR_NAME=$value ;;
+    --worker) WORKER=$value; WORKER_GIVEN=1 ;;
+    --workers) WORKERS=$value ;;
+    --dest) DEST=$value ;;
     --name) NAME=$value ;;
     --zone) ZONE=$value ;;
     --project) PROJECT=$value ;;
@@ -262,9 +307,26 @@ if [[ $SUBCOMMAND == create ]]; then
          "'-', e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite)"
   [[ $SPOT == 0 || $PREEMPTIBLE == 0 ]] \
     || die_usage "--spot and --preemptible exclude each other; pick one"
+  # gcloud compute tpus queued-resources create has --spot (and --reserved, --guaranteed) but no
+  # --preemptible.
+  [[ $QUEUED == 0 || $PREEMPTIBLE == 0 ]] \
+    || die_usage "--preemptible does not work with --queued (queued resources have no" \
+         "preemptible option); use --queued --spot for interruptible capacity"
 fi
 
-if [[ $SUBCOMMAND == setup || $SUBCOMMAND == train || $SUBCOMMAND == sweep ]]; then
+if [[ $SUBCOMMAND == create || $SUBCOMMAND == status || $SUBCOMMAND == delete ]]; then
+  if [[ $QUEUED == 1 ]]; then
+    QR_NAME=${QR_NAME:-$NAME-qr}
+    [[ $QR_NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] \
+      || die_usage "invalid queued resource name '$QR_NAME' (allowed: lowercase letters, digits" \
+           "and '-', starting with a letter, not ending with '-', at most 63 characters);" \
+           "pass --qr-name"
+  else
+    [[ -z $QR_NAME ]] || die_usage "--qr-name '$QR_NAME' needs --queued"
+  fi
+fi
+
+if [[ " setup train sweep logs fetch " == *" $SUBCOMMAND "* ]]; then
   [[ $DIR =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && ! $DIR =~ (^|/)\.\.?(/|$) ]] \
     || die_usage "invalid --dir '$DIR' (allowed: a relative path of letters, digits, '_'," \
          "'.', '-', '/', with no '.' or '..' parts)"
@@ -280,27 +342,64 @@ if [[ $SUBCOMMAND == setup ]]; then
   [[ $COPY == 0 || -z $REPO ]] || die_usage "--copy and --repo '$REPO' exclude each other"
 fi
 
-if [[ $SUBCOMMAND == train ]]; then
-  [[ -n $WORKDIR ]] \
-    || die_usage "missing --workdir for train (allowed: gs://BUCKET/PATH or a path on each worker)"
+if [[ $SUBCOMMAND == train || $SUBCOMMAND == fetch ]]; then
+  [[ -n $WORKDIR ]] || die_usage "missing --workdir for $SUBCOMMAND (allowed: gs://BUCKET/PATH" \
+                         "or a path on each worker)"
   if [[ $WORKDIR == *://* ]]; then
     [[ $WORKDIR =~ ^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?$ ]] \
       || die_usage "invalid --workdir '$WORKDIR' (allowed: gs://BUCKET/PATH or a local path)"
   fi
   [[ $WORKDIR != *$'\n'* ]] || die_usage "invalid --workdir: it contains a newline"
+fi
+
+if [[ $SUBCOMMAND == train ]]; then
   for a in ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}; do
     [[ $a != --workdir && $a != --workdir=* ]] \
       || die_usage "'$a' after --: give the run folder as --workdir before --"
     [[ $a != --dry-run ]] || die_usage "'$a' after -- would go to dvar train; put it before --"
   done
+fi
+
+if [[ $SUBCOMMAND == train || $SUBCOMMAND == logs ]]; then
   [[ -z $LOG || $LOG =~ ^[A-Za-z0-9_./-]+$ ]] \
     || die_usage "invalid --log '$LOG' (allowed: letters, digits, '_', '.', '-', '/')"
+fi
+
+if [[ $SUBCOMMAND == logs || $SUBCOMMAND == fetch ]]; then
+  [[ $WORKER =~ ^(all|0|[1-9][0-9]{0,3})$ ]] \
+    || die_usage "invalid --worker '$WORKER' (allowed: a worker index 0, 1, 2, ... or 'all')"
+fi
+
+if [[ $SUBCOMMAND == fetch ]]; then
+  [[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]{0,3}$ ]] \
+    || die_usage "invalid --workers '$WORKERS' (allowed: the number of workers, 1 or more)"
+  [[ -z $WORKERS || $WORKER == all || $WORKER -lt $WORKERS ]] \
+    || die_usage "--worker '$WORKER' is not below --workers '$WORKERS' (workers count from 0)"
+  DEST=${DEST:-tpu-results/$NAME}
+  [[ $DEST != -* && $DEST != *:* && $DEST != *$'\n'* ]] \
+    || die_usage "invalid --dest '$DEST' (allowed: a local folder not starting with '-', without" \
+         "':' or newlines)"
+  if [[ $WORKDIR == gs://* ]]; then
+    [[ $WORKER_GIVEN == 0 && -z $WORKERS ]] \
+      || die_usage "--worker/--workers do not apply to the gs:// workdir '$WORKDIR': it is" \
+           "copied once from the bucket"
+  else
+    [[ $WORKDIR =~ ^/?[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && ! $WORKDIR =~ (^|/)\.\.?(/|$) ]] \
+      || die_usage "invalid --workdir '$WORKDIR' for fetch (allowed: gs://BUCKET/PATH, or a" \
+           "path on the workers of letters, digits, '_', '.', '-', '/', with no '.' or '..'" \
+           "parts)"
+    [[ $WORKER != all || -n $WORKERS || $DRY_RUN == 0 ]] \
+      || die_usage "fetch --worker=all in a dry run needs --workers N: the live run asks" \
+           "gcloud for the count ('gcloud compute tpus tpu-vm describe $NAME --zone=$ZONE" \
+           "--format=value(networkEndpoints.len())'), which a dry run does not call"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 GCLOUD_TPU=(gcloud compute tpus tpu-vm)
+GCLOUD_QR=(gcloud compute tpus queued-resources)
 SCOPE=(--zone="$ZONE")
 [[ -z $PROJECT ]] || SCOPE+=(--project="$PROJECT")
 
@@ -334,8 +433,23 @@ cmd_create() {
   local extra=()
   [[ $SPOT == 0 ]] || extra+=(--spot)
   [[ $PREEMPTIBLE == 0 ]] || extra+=(--preemptible)
-  run "${GCLOUD_TPU[@]}" create "$NAME" "${SCOPE[@]}" --accelerator-type="$TYPE" \
-    --version="$VERSION" ${extra[@]+"${extra[@]}"}
+  if [[ $QUEUED == 1 ]]; then
+    # The request waits in the queue (WAITING_FOR_RESOURCES) until capacity frees up, then
+    # creates the TPU VM NAME; see 'status --queued'. The runtime flag is --runtime-version here.
+    run "${GCLOUD_QR[@]}" create "$QR_NAME" --node-id="$NAME" "${SCOPE[@]}" \
+      --accelerator-type="$TYPE" --runtime-version="$VERSION" ${extra[@]+"${extra[@]}"}
+  else
+    run "${GCLOUD_TPU[@]}" create "$NAME" "${SCOPE[@]}" --accelerator-type="$TYPE" \
+      --version="$VERSION" ${extra[@]+"${extra[@]}"}
+  fi
+}
+
+cmd_status() {
+  if [[ $QUEUED == 1 ]]; then
+    run "${GCLOUD_QR[@]}" describe "$QR_NAME" "${SCOPE[@]}"
+  else
+    run "${GCLOUD_TPU[@]}" describe "$NAME" "${SCOPE[@]}"
+  fi
 }
 
 cmd_setup() {
@@ -459,8 +573,79 @@ cmd_sweep() {
   ssh_all "$remote"
 }
 
+# Follows a log with tail -F (it waits for a file that is not there yet, and follows it across
+# rotation); -n +1 shows it from the start. With --worker=all, gcloud runs it on every worker at
+# once and each line gets the worker's host name first (sed -u: unbuffered, so lines come live).
+cmd_logs() {
+  local d remote
+  d=$(quote "$DIR")
+  remote="cd $d"
+  if [[ -n $LOG ]]; then
+    remote+=" && log=$(quote "$LOG")"
+  else
+    remote+=" && log=\$(ls -t dvar-logs/train-*.log 2>/dev/null | head -n 1)"
+    remote+=" && { [ -n \"\$log\" ] || { echo \"\$(hostname): no ~/$DIR/dvar-logs/train-*.log;"
+    remote+=" start a run with '$PROG train' or pass --log\" >&2; exit 1; }; }"
+  fi
+  remote+=" && echo \"\$(hostname): following ~/$DIR/\$log\" >&2"
+  if [[ $WORKER == all ]]; then
+    remote+=" && tail -n +1 -F \"\$log\" | sed -u \"s/^/\$(hostname): /\""
+  else
+    remote+=" && exec tail -n +1 -F \"\$log\""
+  fi
+  run "${GCLOUD_TPU[@]}" ssh "$NAME" "${SCOPE[@]}" --worker="$WORKER" --command="$remote"
+}
+
+# The number of workers (hosts) of the TPU VM: one network endpoint each.
+worker_count() {
+  local describe=("${GCLOUD_TPU[@]}" describe "$NAME" "${SCOPE[@]}"
+                  --format='value(networkEndpoints.len())') n
+  printf '+ %s\n' "$(quote_words "${describe[@]}")" >&2
+  n=$("${describe[@]}") || die "cannot look up the workers of '$NAME'; pass --workers N"
+  n=${n%%$'\n'*}
+  [[ $n =~ ^[1-9][0-9]*$ ]] \
+    || die "gcloud reported '$n' workers for '$NAME' (expected a number); pass --workers N"
+  printf '%s' "$n"
+}
+
+# Copies the run folder back into DEST/RUN (RUN: the last part of --workdir). gs:// workdirs:
+# 'gcloud storage rsync', the tool gcloud itself recommends over gsutil (same install and login
+# as the rest of this script, parallel without -m, and re-running copies only what changed).
+# Paths on the workers: 'tpu-vm scp --recurse' into an existing DEST, so the copy always lands
+# in DEST/RUN (scp -r into a missing folder would instead create it as the copy).
+cmd_fetch() {
+  local src=$WORKDIR run_name
+  while [[ $src == ?*/ ]]; do src=${src%/}; done
+  run_name=${src##*/}
+  if [[ $WORKDIR == gs://* ]]; then
+    run mkdir -p "$DEST/$run_name"
+    run gcloud storage rsync --recursive "$src" "$DEST/$run_name"
+    return
+  fi
+  [[ $src == /* ]] || src=$DIR/$src
+  if [[ $WORKER != all ]]; then
+    run mkdir -p "$DEST"
+    run "${GCLOUD_TPU[@]}" scp --recurse "$NAME:$src" "$DEST" "${SCOPE[@]}" --worker="$WORKER"
+    return
+  fi
+  local n=$WORKERS k dests=()
+  if [[ -z $n ]]; then
+    n=$(worker_count) || exit 1
+  fi
+  for ((k = 0; k < n; k++)); do dests+=("$DEST/worker-$k"); done
+  run mkdir -p "${dests[@]}"
+  for ((k = 0; k < n; k++)); do
+    run "${GCLOUD_TPU[@]}" scp --recurse "$NAME:$src" "${dests[k]}" "${SCOPE[@]}" --worker="$k"
+  done
+}
+
 cmd_delete() {
-  run "${GCLOUD_TPU[@]}" delete "$NAME" "${SCOPE[@]}" --quiet
+  if [[ $QUEUED == 1 ]]; then
+    # --force also deletes the TPU VM the queued resource made; --quiet: no prompt.
+    run "${GCLOUD_QR[@]}" delete "$QR_NAME" "${SCOPE[@]}" --force --quiet
+  else
+    run "${GCLOUD_TPU[@]}" delete "$NAME" "${SCOPE[@]}" --quiet
+  fi
 }
 
 "cmd_$SUBCOMMAND"

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "tpu_vm.sh"
 NAME, ZONE = "dvar-test-1", "us-west4-a"
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
-SUBCOMMANDS = ("create", "setup", "train", "sweep", "delete")
+SUBCOMMANDS = ("create", "setup", "train", "sweep", "logs", "fetch", "status", "delete")
 OPTIONS = ("--name", "--zone", "--project", "--type", "--version", "--spot", "--preemptible",
-           "--repo", "--ref", "--copy", "--python", "--dir", "--workdir", "--log", "--commands",
-           "--dry-run", "--help")
+           "--queued", "--qr-name", "--repo", "--ref", "--copy", "--python", "--dir", "--workdir",
+           "--log", "--worker", "--workers", "--dest", "--commands", "--dry-run", "--help")
+QR = ["gcloud", "compute", "tpus", "queued-resources"]
 # A config value with spaces and both kinds of quotes, to pass through three shells intact.
 AWKWARD = "--config.data.path=/data/my corpus/it's \"quoted\" $HOME `x`"
 
@@ -112,6 +113,31 @@ def test_delete_and_dry_run_from_the_environment():
     r = launch("delete", env={"TPU_NAME": NAME, "TPU_ZONE": ZONE, "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"+ gcloud compute tpus tpu-vm delete {NAME} --zone={ZONE} --quiet\n"
+
+
+def test_create_queued_spot_for_a_multi_worker_slice():
+    """--queued: a queued resource NAME-qr whose node is NAME; its flag is --runtime-version."""
+    assert dry("create", f"--name={NAME}", f"--zone={ZONE}", "--type=v5p-16", "--queued",
+               "--spot") == [
+        [*QR, "create", f"{NAME}-qr", f"--node-id={NAME}", f"--zone={ZONE}",
+         "--accelerator-type=v5p-16", "--runtime-version=v2-alpha-tpuv5", "--spot"]]
+    assert dry("create", f"--name={NAME}", f"--zone={ZONE}", "--type=v4-32", "--queued",
+               "--qr-name=my-qr", "--project=my-proj-123", "--version=tpu-vm-v4-base") == [
+        [*QR, "create", "my-qr", f"--node-id={NAME}", f"--zone={ZONE}", "--project=my-proj-123",
+         "--accelerator-type=v4-32", "--runtime-version=tpu-vm-v4-base"]]
+
+
+def test_status_and_delete_plain_and_queued():
+    nz = (f"--name={NAME}", f"--zone={ZONE}")
+    assert dry("status", *nz) == [[*TPU, "describe", NAME, f"--zone={ZONE}"]]
+    assert dry("status", *nz, "--queued") == [[*QR, "describe", f"{NAME}-qr", f"--zone={ZONE}"]]
+    assert dry("delete", *nz, "--queued", "--qr-name=my-qr", "--project=my-proj-123") == [
+        [*QR, "delete", "my-qr", f"--zone={ZONE}", "--project=my-proj-123", "--force", "--quiet"]]
+    # TPU_QUEUED=1 once in the environment: create, status and delete all take the queued path.
+    env = {"TPU_QUEUED": "1"}
+    assert dry("delete", *nz, env=env) == [
+        [*QR, "delete", f"{NAME}-qr", f"--zone={ZONE}", "--force", "--quiet"]]
+    assert dry("create", *nz, env=env)[0][:5] == [*QR, "create"]
 
 
 def test_without_dry_run_the_printed_command_is_the_one_run(tmp_path):
@@ -312,6 +338,147 @@ def test_sweep_too_large_for_one_ssh_command_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# logs
+
+
+def ssh_argv(argv, worker):
+    """The --command of a `gcloud compute tpus tpu-vm ssh --worker=WORKER` argv."""
+    assert argv == [*TPU, "ssh", NAME, f"--zone={ZONE}", f"--worker={worker}", argv[-1]], argv
+    return argv[-1].removeprefix("--command=")
+
+
+def run_with_stub_tail(remote, home):
+    """Runs a printed logs command in HOME=home with a `tail` that prints its arguments."""
+    stubs = home / "stubs"
+    stubs.mkdir(parents=True, exist_ok=True)
+    (stubs / "tail").write_text('#!/bin/sh\nprintf "tail %s\\n" "$*"\n')
+    (stubs / "tail").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", remote], capture_output=True, text=True, cwd=home,
+                          env=env, timeout=30)
+
+
+def test_logs_follows_the_newest_train_log_of_worker_0(tmp_path):
+    remote = ssh_argv(dry("logs", f"--name={NAME}", f"--zone={ZONE}")[0], 0)
+    assert remote.startswith("cd dvar-jax && ")
+    assert "ls -t dvar-logs/train-*.log" in remote and "tail -n +1 -F" in remote
+
+    home = tmp_path / "home"
+    logs = home / "dvar-jax" / "dvar-logs"
+    logs.mkdir(parents=True)
+    r = run_with_stub_tail(remote, home)  # no log yet: a clear error, not a tail of nothing
+    assert r.returncode == 1 and "no ~/dvar-jax/dvar-logs/train-*.log" in r.stderr
+    for i, stamp in enumerate(["20250101-000000", "20250301-000000", "20250201-000000"]):
+        (logs / f"train-{stamp}.log").write_text("step 1\n")
+        os.utime(logs / f"train-{stamp}.log", (1e9 + i, 1e9 + i))  # the last written is newest
+    r = run_with_stub_tail(remote, home)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "tail -n +1 -F dvar-logs/train-20250201-000000.log\n"
+    assert "following ~/dvar-jax/dvar-logs/train-20250201-000000.log" in r.stderr
+
+
+def test_logs_of_all_workers_with_a_given_log_prefix_each_line_with_the_host(tmp_path):
+    (argv,) = dry("logs", f"--name={NAME}", f"--zone={ZONE}", "--worker=all", "--dir=src/d",
+                  "--log=logs/ar.log")
+    remote = ssh_argv(argv, "all")
+    assert remote.startswith("cd src/d && log=logs/ar.log && ")
+    assert ssh_argv(dry("logs", f"--name={NAME}", f"--zone={ZONE}", "--worker", "3")[0], 3)
+
+    home = tmp_path / "home"
+    (home / "src" / "d").mkdir(parents=True)
+    r = run_with_stub_tail(remote, home)
+    assert r.returncode == 0, r.stderr
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    assert r.stdout == f"{host}: tail -n +1 -F logs/ar.log\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# fetch
+
+
+def test_fetch_from_each_worker_of_a_multi_worker_slice():
+    """v5p-16 has 2 workers: one scp per worker, each into DEST/worker-K."""
+    cmds = dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=runs/ar/",
+               "--worker=all", "--workers", "2", "--dest=out dir")
+    assert cmds == [
+        ["mkdir", "-p", "out dir/worker-0", "out dir/worker-1"],
+        [*TPU, "scp", "--recurse", f"{NAME}:dvar-jax/runs/ar", "out dir/worker-0",
+         f"--zone={ZONE}", "--worker=0"],
+        [*TPU, "scp", "--recurse", f"{NAME}:dvar-jax/runs/ar", "out dir/worker-1",
+         f"--zone={ZONE}", "--worker=1"]]
+
+
+def test_fetch_one_worker_defaults_and_absolute_workdir():
+    assert dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=runs/ar") == [
+        ["mkdir", "-p", f"tpu-results/{NAME}"],
+        [*TPU, "scp", "--recurse", f"{NAME}:dvar-jax/runs/ar", f"tpu-results/{NAME}",
+         f"--zone={ZONE}", "--worker=0"]]
+    assert dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=/data/runs/ar",
+               "--worker=1", "--dir=ignored", "--project=my-proj-123", "--dest=o")[1] == [
+        *TPU, "scp", "--recurse", f"{NAME}:/data/runs/ar", "o", f"--zone={ZONE}",
+        "--project=my-proj-123", "--worker=1"]
+
+
+def test_fetch_gs_workdir_syncs_from_the_bucket():
+    assert dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=gs://my-bucket/runs/d 1/",
+               "--dest=results") == [
+        ["mkdir", "-p", "results/d 1"],
+        ["gcloud", "storage", "rsync", "--recursive", "gs://my-bucket/runs/d 1", "results/d 1"]]
+
+
+def test_fetch_all_workers_asks_gcloud_for_the_count(tmp_path):
+    """Without --workers a live run reads the worker count from tpu-vm describe."""
+    calls = tmp_path / "calls"
+    (tmp_path / "gcloud").write_text(
+        '#!/bin/sh\n{ printf "%s\\0" "$@"; echo; } >> "$GCLOUD_CALLS"\n'
+        'case " $* " in *" describe "*) echo "$WORKERS_REPLY";; esac\n')
+    (tmp_path / "gcloud").chmod(0o755)
+    dest = tmp_path / "out"
+    args = ("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=runs/ar", "--worker=all",
+            f"--dest={dest}")
+    env = {"GCLOUD_CALLS": str(calls), "WORKERS_REPLY": "3"}
+    r = launch(*args, env=env, path_prefix=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ran = [["gcloud", *c.split("\0")] for c in calls.read_text().split("\0\n")[:-1]]
+    assert ran[0] == [*TPU, "describe", NAME, f"--zone={ZONE}",
+                      "--format=value(networkEndpoints.len())"]
+    assert ran[1:] == dry(*args, "--workers=3")[1:]
+    assert [c[-1] for c in ran[1:]] == ["--worker=0", "--worker=1", "--worker=2"]
+    assert sorted(p.name for p in dest.iterdir()) == ["worker-0", "worker-1", "worker-2"]
+    assert "+ gcloud compute tpus tpu-vm describe" in r.stderr
+
+    r = launch(*args, env={**env, "WORKERS_REPLY": ""}, path_prefix=tmp_path)
+    assert r.returncode == 1 and "pass --workers N" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole workflow on a multi-worker slice
+
+
+@needs_git
+def test_workflow_on_a_multi_worker_slice():
+    """create (queued, spot) -> setup -> train -> logs -> fetch -> delete on a v4-32 (4 workers)."""
+    env = {"TPU_NAME": NAME, "TPU_ZONE": ZONE, "TPU_TYPE": "v4-32", "TPU_QUEUED": "1"}
+    create = dry("create", "--spot", env=env)
+    assert create == [[*QR, "create", f"{NAME}-qr", f"--node-id={NAME}", f"--zone={ZONE}",
+                       "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
+                       "--spot"]]
+    assert dry("status", env=env) == [[*QR, "describe", f"{NAME}-qr", f"--zone={ZONE}"]]
+    (setup,) = dry("setup", "--repo=https://github.com/example/dvar-jax.git", env=env)
+    assert "pip install --quiet -e ." in remote_of(setup)  # on every worker
+    (train,) = dry("train", "--workdir=runs/w", "--", "--config.objective=ar", env=env)
+    assert ".venv/bin/dvar train --workdir=runs/w --config.objective=ar" in remote_of(train)
+    (logs,) = dry("logs", "--worker=all", env=env)
+    assert "tail -n +1 -F" in ssh_argv(logs, "all")
+    fetch = dry("fetch", "--workdir=runs/w", "--worker=all", "--workers=4", env=env)
+    assert fetch[0] == ["mkdir", "-p", *(f"tpu-results/{NAME}/worker-{k}" for k in range(4))]
+    assert [c[:7] for c in fetch[1:]] == [[*TPU, "scp", "--recurse", f"{NAME}:dvar-jax/runs/w"]] * 4
+    assert [c[-1] for c in fetch[1:]] == [f"--worker={k}" for k in range(4)]
+    assert dry("delete", env=env) == [
+        [*QR, "delete", f"{NAME}-qr", f"--zone={ZONE}", "--force", "--quiet"]]
+
+
+# ------------------------------------------------------------------------------------------------
 # bad input: exit 2, naming the bad value, nothing printed on stdout
 
 NZ = [f"--name={NAME}", f"--zone={ZONE}"]
@@ -347,6 +514,29 @@ BAD = [
     (["delete", *NZ, "--", "x"], "'delete' takes none"),
     (["sweep", *NZ, "--commands=/no/such/file"], "--commands '/no/such/file' is not a readable"),
     (["sweep", *NZ], "no commands on stdin"),
+    (["create", *NZ, "--queued", "--preemptible"], "--preemptible does not work with --queued"),
+    (["create", f"--name={'a' * 62}", f"--zone={ZONE}", "--queued"],
+     f"invalid queued resource name '{'a' * 62}-qr'"),
+    (["status", *NZ, "--queued", "--qr-name=Bad"], "invalid queued resource name 'Bad'"),
+    (["delete", *NZ, "--qr-name=my-qr"], "--qr-name 'my-qr' needs --queued"),
+    (["setup", *NZ, "--queued"], "option --queued does not apply to 'setup'"),
+    (["status", *NZ, "--", "x"], "'status' takes none"),
+    (["logs", *NZ, "--worker=x"], "invalid --worker 'x'"),
+    (["logs", *NZ, "--worker=-1"], "invalid --worker '-1'"),
+    (["logs", *NZ, "--log=a b"], "invalid --log 'a b'"),
+    (["train", *NZ, "--workdir=w", "--worker=0"], "option --worker does not apply to 'train'"),
+    (["fetch", *NZ], "missing --workdir for fetch"),
+    (["fetch", *NZ, "--workdir=w", "--worker=01"], "invalid --worker '01'"),
+    (["fetch", *NZ, "--workdir=w", "--workers=0"], "invalid --workers '0'"),
+    (["fetch", *NZ, "--workdir=w", "--workers=two"], "invalid --workers 'two'"),
+    (["fetch", *NZ, "--workdir=w", "--worker=2", "--workers=2"],
+     "--worker '2' is not below --workers '2'"),
+    (["fetch", *NZ, "--workdir=w", "--worker=all"], "fetch --worker=all in a dry run needs"),
+    (["fetch", *NZ, "--workdir=gs://b-1/x", "--worker=1"], "do not apply to the gs:// workdir"),
+    (["fetch", *NZ, "--workdir=a b"], "invalid --workdir 'a b' for fetch"),
+    (["fetch", *NZ, "--workdir=runs/../x"], "invalid --workdir 'runs/../x' for fetch"),
+    (["fetch", *NZ, "--workdir=w", "--dest=host:dir"], "invalid --dest 'host:dir'"),
+    (["fetch", *NZ, "--workdir=w", "--spot"], "option --spot does not apply to 'fetch'"),
 ]
 
 
@@ -361,6 +551,8 @@ def test_bad_input_exits_2_naming_the_bad_value(args, message):
 def test_bad_dry_run_environment_value():
     r = launch("delete", *NZ, env={"DRY_RUN": "maybe"})
     assert r.returncode == 2 and "DRY_RUN='maybe'" in r.stderr
+    r = launch("delete", *NZ, "--dry-run", env={"TPU_QUEUED": "maybe"})
+    assert r.returncode == 2 and "TPU_QUEUED='maybe'" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
