@@ -19,7 +19,7 @@ The simulated devices share this machine's cores: step times show the cost of pa
 Run from the repository root, as its own process (the device count is fixed when JAX starts):
 
     python benchmarks/sharding.py            # cpu-s, vocab 4096 (4224 rows), batch 32, seq 128
-    python benchmarks/sharding.py --quick    # smoke run, about 15 s (mostly compiling)
+    python benchmarks/sharding.py --quick    # smoke run, 20-30 s (mostly compiling)
     python benchmarks/sharding.py --size cpu-m --objective diffusion --json /tmp/sharding.json
 """
 
@@ -55,7 +55,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.base import get_config  # noqa: E402
-from configs.models import MODEL_SIZES  # noqa: E402
+from configs.models import model_shape  # noqa: E402
 from dvar_jax.model.transformer import TransformerConfig, padded_vocab_size  # noqa: E402
 from dvar_jax.objectives import OBJECTIVES, get_objective  # noqa: E402
 from dvar_jax.sharding import (  # noqa: E402
@@ -81,19 +81,6 @@ DEFAULTS = {"size": "cpu-s", "vocab": 4096, "batch": 32, "seq": 128, "warmup": 1
             "repeats": 5}
 QUICK = {"size": "32,1,2,16", "vocab": 256, "batch": 8, "seq": 32, "warmup": 1, "steps": 2,
          "repeats": 2}
-
-
-def parse_size(spec: str) -> tuple[int, int, int, int]:
-    """A name from configs/models.py, or d_model,n_layers,n_heads,head_dim."""
-    if spec in MODEL_SIZES:
-        return MODEL_SIZES[spec]
-    try:
-        d_model, n_layers, n_heads, head_dim = (int(v) for v in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size {spec!r}: a name from configs/models.py or d_model,n_layers,n_heads,head_dim"
-        ) from None
-    return d_model, n_layers, n_heads, head_dim
 
 
 def bytes_on(tree: Any, device: jax.Device) -> int:
@@ -128,7 +115,7 @@ class MeshRun(NamedTuple):
 def prepare(shape: MeshShape, devices: list[jax.Device], args: argparse.Namespace,
             tokens: np.ndarray) -> MeshRun:
     """Places a fresh train state on the mesh, compiles the step, and takes one step."""
-    d_model, n_layers, n_heads, head_dim = parse_size(args.size)
+    d_model, n_layers, n_heads, head_dim = model_shape(args.size)
     objective = get_objective(args.objective)
     model_cfg = TransformerConfig(
         vocab_size=padded_vocab_size(args.vocab), d_model=d_model, n_layers=n_layers,
@@ -248,8 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        parse_size(args.size)
-    except argparse.ArgumentTypeError as e:
+        model_shape(args.size)
+    except ValueError as e:
         p.error(str(e))
     for key in ("batch", "seq", "vocab", "steps", "repeats"):
         if getattr(args, key) < 1:
@@ -281,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     start = time.perf_counter()
     devices = cpu_devices()
-    d_model, n_layers, n_heads, head_dim = parse_size(args.size)
+    d_model, n_layers, n_heads, head_dim = model_shape(args.size)
     print(f"jax {jax.__version__}, {len(devices)} simulated CPU devices "
           f"({_DEVICE_FLAG}), host cpus {os.cpu_count()}")
     print(f"NOTE: the simulated devices share the same {os.cpu_count()} cores, so step times "

@@ -40,7 +40,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from configs.base import get_config
-from configs.models import MODEL_SIZES
+from configs.models import model_shape
 from dvar_jax.model.transformer import (
     TransformerConfig,
     count_params,
@@ -259,23 +259,10 @@ def loss_close(a: float, b: float, rtol: float) -> bool:
     return abs(a - b) <= rtol * max(1.0, abs(a), abs(b))
 
 
-def parse_size(spec: str) -> tuple[int, int, int, int]:
-    """A name from configs/models.py, or d_model,n_layers,n_heads,head_dim."""
-    if spec in MODEL_SIZES:
-        return MODEL_SIZES[spec]
-    try:
-        d_model, n_layers, n_heads, head_dim = (int(v) for v in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{spec!r} is neither a size in configs/models.py nor d_model,n_layers,n_heads,"
-            "head_dim") from None
-    return d_model, n_layers, n_heads, head_dim
-
-
 def bench_one(size: str, objective_name: str, args: argparse.Namespace,
               peak: float) -> dict[str, Any]:
     """Times ours and the reference for one (size, objective); returns one table row."""
-    d_model, n_layers, n_heads, head_dim = parse_size(size)
+    d_model, n_layers, n_heads, head_dim = model_shape(size)
     objective = get_objective(objective_name)
     mask_id = args.vocab
     model_cfg = TransformerConfig(
@@ -387,8 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     for size in args.sizes:
         try:
-            parse_size(size)
-        except argparse.ArgumentTypeError as e:
+            model_shape(size)
+        except ValueError as e:
             p.error(str(e))
     for key in ("batch", "seq", "vocab", "repeats"):
         if getattr(args, key) < 1:

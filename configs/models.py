@@ -61,3 +61,16 @@ CPU_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {**PAPER_SIZES, **CPU_SIZES}
+
+
+def model_shape(spec: str) -> tuple[int, int, int, int]:
+    """(d_model, n_layers, n_heads, head_dim) of a size name, or of "d_model,n_layers,n_heads,
+    head_dim" written out (benchmarks and scripts take either)."""
+    if spec in MODEL_SIZES:
+        return MODEL_SIZES[spec]
+    try:
+        d_model, n_layers, n_heads, head_dim = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"size {spec!r}: a name from configs/models.py "
+                         "or d_model,n_layers,n_heads,head_dim") from None
+    return d_model, n_layers, n_heads, head_dim
