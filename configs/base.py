@@ -63,6 +63,14 @@ def get_config() -> ConfigDict:
     c.train.eps = 1e-8
     c.train.grad_clip = 1.0  # global norm
     c.train.log_every = 10  # steps
+    # A non-finite loss or gradient norm stops the run (naming the step and the last good
+    # checkpoint); True skips such steps instead (no update), counting them as `skipped`.
+    c.train.skip_nonfinite = False
+
+    c.checkpoint = ConfigDict()
+    # Save every this many steps; 0 = at every evaluation. Always at the end and on SIGTERM.
+    c.checkpoint.every_steps = 0
+    c.checkpoint.keep = 2  # the latest `keep`, plus the best by validation loss
 
     c.mesh = ConfigDict()
     # Device mesh (data, fsdp, tensor); one axis may be -1 = all remaining devices. The product

@@ -28,6 +28,7 @@ class Subcommand:
     # (name, default, help) of the subcommand's own string flags; a None default = required.
     string_flags: tuple[tuple[str, str | None, str], ...] = ()
     progress_flag: bool = True
+    bool_flags: tuple[tuple[str, bool, str], ...] = ()
 
 
 def _flag_values(argv: list[str], sub: Subcommand) -> flags.FlagValues:
@@ -38,6 +39,8 @@ def _flag_values(argv: list[str], sub: Subcommand) -> flags.FlagValues:
         help_string="Config file with get_config(); override fields with --config.KEY=VALUE.")
     for name, default, text in sub.string_flags:
         flags.DEFINE_string(name, default, text, flag_values=fv)
+    for name, default, text in sub.bool_flags:
+        flags.DEFINE_boolean(name, default, text, flag_values=fv)
     if sub.progress_flag:
         flags.DEFINE_boolean("progress", None,
                              "Progress bar with ETA (default: only on a terminal).",
@@ -80,7 +83,8 @@ def _help(name: str, sub: Subcommand) -> str:
     fv = _flag_values([f"dvar {name}"], sub)
     fv([f"dvar {name}"])
     text = [f"usage: dvar {name} [--flags]", "", sub.summary, "", "flags:"]
-    names = ["config"] + [f[0] for f in sub.string_flags] + (["progress"] * sub.progress_flag)
+    names = (["config"] + [f[0] for f in sub.string_flags] + [f[0] for f in sub.bool_flags]
+             + ["progress"] * sub.progress_flag)
     for flag in (fv[n] for n in names):
         default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
         text.append(f"  --{flag.name}: {flag.help} (default: {default})")
@@ -89,9 +93,18 @@ def _help(name: str, sub: Subcommand) -> str:
 
 
 def _run_train(fv: flags.FlagValues) -> int:
-    from dvar_jax.train import train  # heavy imports only once the command line is valid
+    from dvar_jax.train import (
+        NonFiniteError,
+        train,  # heavy imports only once the command line is valid
+    )
 
-    s = train(fv.config, fv.workdir, progress=fv.progress)
+    try:
+        s = train(fv.config, fv.workdir, progress=fv.progress, override=fv.override)
+    except NonFiniteError as e:
+        print(f"dvar train: {e}", file=sys.stderr)
+        return 1
+    if not s.completed:
+        return 0  # preempted: the checkpoint is saved and the message printed
     print(f"{s.objective}: best validation loss {s.best_val_loss:.4f} at epoch "
           f"{s.best_epoch:.1f}; final {s.final_val_loss:.4f} ({s.steps} steps, "
           f"{s.tokens:,} tokens) -> {fv.workdir}")
@@ -123,7 +136,10 @@ SUBCOMMANDS = {
     "train": Subcommand(
         "Train one model (objective ar or diffusion) as the config says.", "base.py",
         _run_train, (("workdir", None,
-                      "run folder for config.json, metrics.jsonl, summary.json and tb/"),)),
+                      "run folder for config.json, metrics.jsonl, summary.json, tb/ and "
+                      "checkpoints/; an existing one is resumed"),),
+        bool_flags=(("override", False, "continue a workdir whose saved config differs in "
+                                        "run-defining keys"),)),
     "demo": Subcommand(
         "Train AR and diffusion models of one size on the same small unique-token budget for "
         "many epochs; write report.md and curves.png.", "demo.py", _run_demo,

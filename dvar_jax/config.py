@@ -87,6 +87,10 @@ def validate_config(cfg: ConfigDict) -> None:
     check(t.grad_clip > 0, f"train.grad_clip={t.grad_clip}: must be > 0")
     check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
 
+    check(cfg.checkpoint.every_steps >= 0,
+          f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0 (0 = every eval)")
+    check(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
+
     m = cfg.mesh
     for axis in ("data", "fsdp", "tensor"):
         check(m[axis] == -1 or m[axis] >= 1, f"mesh.{axis}={m[axis]}: must be >= 1 or -1 (fill)")

@@ -39,10 +39,35 @@ def _plain(value):
     return value
 
 
+def _parse(path: Path) -> list[dict]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # a line cut short by a kill: the step will be redone
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record ({e.msg}): "
+                             f"{line[:80]!r}") from e
+    return records
+
+
 def read_metrics(workdir: Path, kind: str | None = None) -> list[dict]:
     """All records of a run (optionally one kind), in the order they were written."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics at {path}: has a run been trained in {workdir}?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if kind is None or r["kind"] == kind]
+    return [r for r in _parse(path) if kind is None or r["kind"] == kind]
+
+
+def keep_metrics_through(workdir: Path, step: int) -> None:
+    """Drops the records of steps after `step` (work a resumed run will redo), atomically."""
+    from dvar_jax.data.corpus import write_atomically
+
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [r for r in _parse(path) if r["step"] <= step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    write_atomically(path, lambda f: f.write(text.encode()))

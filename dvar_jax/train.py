@@ -5,9 +5,12 @@ randomness is derived from (seed, step), so a run is reproducible from its confi
 I/O (metrics, progress, TensorBoard) stays in `train`, the loop at the edge.
 """
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +25,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from dvar_jax.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    abstract_like,
+    flatten,
+    run_defining_differences,
+)
 from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.data.corpus import write_atomically as _write_bytes_atomically
 from dvar_jax.data.pipeline import TrainBatches, load_token_streams, validation_windows
-from dvar_jax.metrics import MetricsWriter
+from dvar_jax.metrics import MetricsWriter, keep_metrics_through, read_metrics
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import Objective, get_objective
 from dvar_jax.perf import measure_matmul_peak
@@ -40,6 +51,11 @@ from dvar_jax.sharding import (
     rules_from_config,
     train_state_shardings,
 )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A complete file or the old one, never half of it (a kill may come at any time)."""
+    _write_bytes_atomically(path, lambda f: f.write(text.encode()))
 
 
 class TrainState(NamedTuple):
@@ -112,11 +128,12 @@ def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransform
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                     tx: optax.GradientTransformation, mask_id: int, seed: int,
-                    placement: Placement | None = None):
+                    placement: Placement | None = None, skip_nonfinite: bool = False):
     """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated.
 
     With a placement, inputs and outputs have explicit shardings and metrics come back
-    replicated.
+    replicated. With skip_nonfinite, a step whose loss or gradient norm is not finite leaves
+    parameters and optimizer state as they were and reports `skipped` = 1.
     """
     step_key = jax.random.fold_in(jax.random.key(seed), 1)
 
@@ -129,7 +146,13 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
+        if skip_nonfinite:  # keep the old parameters and moments; the step still counts
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+            metrics["skipped"] = (~finite).astype(jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     if placement is None:
@@ -182,12 +205,24 @@ class RunSummary(NamedTuple):
     best_val_loss: float
     best_epoch: float
     final_val_loss: float
-    steps: int
+    steps: int  # steps taken so far (all of them unless preempted)
     tokens: int
+    completed: bool = True  # False: stopped by SIGTERM after saving; rerun to resume
+    skipped_steps: int = 0
 
 
-def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None) -> RunSummary:
-    """Trains one model as `cfg` says, writing config.json, metrics.jsonl and tb/ to workdir."""
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; nothing of that state was saved."""
+
+
+def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None,
+          override: bool = False) -> RunSummary:
+    """Trains one model as `cfg` says into workdir (config.json, metrics.jsonl, summary.json,
+    tb/, checkpoints/), resuming from its latest readable checkpoint if it has one.
+
+    A workdir trained with a different run-defining config is refused unless `override`.
+    SIGTERM finishes the current step, saves, and returns with `completed=False`.
+    """
     validate_config(cfg)
     maybe_initialize_distributed(cfg.distributed)
     mesh = make_mesh(cfg.mesh)
@@ -199,15 +234,44 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None)
             raise ValueError(f"{key}={size} must divide by the {batch_shards} batch shards of "
                              f"the mesh {dict(mesh.shape)}")
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir={str(workdir)!r} is a file, not a folder")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json(indent=2))
-    with activation_sharding(mesh, rules):
-        return _train_loop(cfg, workdir, mesh, rules, progress)
+    saved_config = workdir / "config.json"
+    if saved_config.exists():
+        differences = run_defining_differences(flatten(json.loads(saved_config.read_text())),
+                                               flatten(json.loads(cfg.to_json())))
+        if differences and not override:
+            raise CheckpointError(
+                f"--workdir={str(workdir)!r} holds a run with a different config: "
+                f"{', '.join(differences)} differ (pass --override to continue it anyway, or "
+                "use another workdir)")
+    write_atomically(saved_config, cfg.to_json(indent=2))
+    with activation_sharding(mesh, rules), _sigterm_flag() as preempted:
+        return _train_loop(cfg, workdir, mesh, rules, progress, preempted)
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A one-element list that becomes [True] when SIGTERM arrives (what a TPU VM gets on
+    preemption); the loop checks it between steps. Only the main thread can own signals."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
-                progress: bool | None) -> RunSummary:
-
+                progress: bool | None, preempted: list[bool]) -> RunSummary:
     streams = load_token_streams(cfg.data)
     batches = TrainBatches.from_config(cfg, streams.train)
     val_windows = validation_windows(streams.validation, cfg.data.seq_len,
@@ -219,7 +283,8 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
     tx = make_optimizer(cfg.train, num_steps)
     schedule = lr_schedule(cfg.train, num_steps)
     graphdef, state, placement = create_train_state(model_cfg, tx, cfg.seed, mesh, rules)
-    train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed, placement)
+    train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed, placement,
+                                 cfg.train.skip_nonfinite)
     eval_step = make_eval_step(graphdef, objective, mask_id, cfg.eval.num_mc, placement)
 
     n_params = paper_param_count(model_cfg.d_model, model_cfg.n_layers,
@@ -228,11 +293,26 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
     peak = measure_matmul_peak()
     tokens_per_step = batches.tokens_per_step
     eval_every = max(1, round(cfg.eval.every_epochs * batches.num_windows / cfg.train.batch_size))
+    save_every = cfg.checkpoint.every_steps or eval_every
 
+    checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
+    # pending: (step, metrics) of the steps not yet logged; saved with each checkpoint so a
+    # resumed run logs exactly what an uninterrupted one would.
+    pending: list[tuple[int, dict]] = []
+    start_step = 0
+    restored = checkpoints.restore_latest(abstract_like(state))
+    if restored is not None:
+        start_step, state, meta = restored
+        pending = [(s, m) for s, m in meta["pending"]]
+        print(f"{cfg.objective}: resuming {workdir} from the checkpoint at step {start_step}",
+              flush=True)
+    keep_metrics_through(workdir, start_step if restored is not None else -1)
     writer = MetricsWriter(workdir)
-    history: list[tuple[float, float]] = []
+    kept = read_metrics(workdir) if writer.path.exists() else []
+    history = [(r["epoch"], r["val_loss"]) for r in kept if r["kind"] == "eval"]
+    skipped_total = int(sum(r.get("skipped", 0) for r in kept if r["kind"] == "train"))
 
-    def run_eval(step: int):
+    def run_eval(step: int) -> float:
         loss = evaluate(eval_step, state.params, val_windows, cfg.eval.batch_size, cfg.eval.seed)
         tokens = step * tokens_per_step
         epoch = batches.epoch_at(step)
@@ -241,44 +321,83 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
                                     "flops": training_flops(n_params, tokens)})
         return loss
 
+    def check_finite() -> list[tuple[int, dict]]:
+        """pending as floats; raises NonFiniteError at the first non-finite step (stop mode)."""
+        fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+        if not cfg.train.skip_nonfinite:
+            for s, m in fetched:
+                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
+                if bad:
+                    good = checkpoints.steps()
+                    raise NonFiniteError(
+                        f"non-finite {bad[0]}={m[bad[0]]} at step {s}; stopped without saving "
+                        "that state. Last good checkpoint: "
+                        + (f"{checkpoints.directory / str(good[-1])} (step {good[-1]})" if good
+                           else "none") + ". Set --config.train.skip_nonfinite=True to skip "
+                        "such steps instead.")
+        return fetched
+
+    def save(step: int, val: float | None) -> None:
+        checkpoints.save(step, state, {"step": step, "pending": check_finite()}, val)
+
     if progress is None:
         progress = sys.stderr.isatty()
-    bar = tqdm(total=num_steps, desc=cfg.objective, disable=not progress, unit="step")
-    val_loss = run_eval(0)
-    pending: list[dict] = []
+    bar = tqdm(total=num_steps, initial=start_step, desc=cfg.objective, disable=not progress,
+               unit="step")
+    val_loss = history[-1][1] if history else run_eval(0)
     interval_start, interval_steps = None, 0
-    for step, tokens in enumerate(batches.iterate(0), start=1):
-        state, metrics = train_step(state, global_batch(tokens, placement.batch))
-        pending.append(metrics)
-        if interval_start is None:  # the first step compiles: time from its end
-            jax.block_until_ready(state.step)
-            interval_start, pending = time.perf_counter(), []
-        else:
-            interval_steps += 1
-        if step % cfg.train.log_every == 0 or step == num_steps:
-            values = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                      for k in pending[0]} if pending else {}
-            elapsed = time.perf_counter() - interval_start
-            tok_s = interval_steps * tokens_per_step / elapsed if interval_steps else float("nan")
-            values |= {"lr": float(schedule(step - 1)), "tokens": step * tokens_per_step,
-                       "epoch": batches.epoch_at(step), "tokens_per_s": tok_s,
-                       "mfu": tok_s * flops_per_token / peak}
-            writer.write("train", step, values)
-            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
-                            val=f"{val_loss:.3f}", epoch=f"{values['epoch']:.1f}")
-            pending, interval_steps = [], 0
-            interval_start = time.perf_counter()
-        if step % eval_every == 0 or step == num_steps:
-            jax.block_until_ready(state)  # finish training work before timing evaluation
-            eval_start = time.perf_counter()
-            val_loss = run_eval(step)
-            interval_start += time.perf_counter() - eval_start  # not training throughput
-        bar.update(1)
-    bar.close()
-    writer.close()
+    completed = True
+    try:
+        for step, tokens in enumerate(batches.iterate(start_step), start=start_step + 1):
+            state, metrics = train_step(state, global_batch(tokens, placement.batch))
+            pending.append((step, metrics))
+            if interval_start is None:  # the first step compiles: time from its end
+                jax.block_until_ready(state.step)
+                interval_start = time.perf_counter()
+            else:
+                interval_steps += 1
+            if step % cfg.train.log_every == 0 or step == num_steps:
+                fetched = [m for _, m in check_finite()]
+                values = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                if "skipped" in values:
+                    values["skipped"] = float(sum(m["skipped"] for m in fetched))
+                    skipped_total += int(values["skipped"])
+                elapsed = time.perf_counter() - interval_start
+                tok_s = interval_steps * tokens_per_step / elapsed if interval_steps \
+                    else float("nan")
+                values |= {"lr": float(schedule(step - 1)), "tokens": step * tokens_per_step,
+                           "epoch": batches.epoch_at(step), "tokens_per_s": tok_s,
+                           "mfu": tok_s * flops_per_token / peak}
+                writer.write("train", step, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", val=f"{val_loss:.3f}",
+                                epoch=f"{values['epoch']:.1f}")
+                pending, interval_steps = [], 0
+                interval_start = time.perf_counter()
+            evaluated = step % eval_every == 0 or step == num_steps
+            if evaluated:
+                jax.block_until_ready(state)  # finish training work before timing evaluation
+                eval_start = time.perf_counter()
+                val_loss = run_eval(step)
+                interval_start += time.perf_counter() - eval_start  # not training throughput
+            if step % save_every == 0 or step == num_steps or preempted[0]:
+                save(step, val_loss if evaluated else None)
+            bar.update(1)
+            if preempted[0] and step < num_steps:
+                checkpoints.wait()
+                print(f"{cfg.objective}: SIGTERM received; saved and committed the checkpoint "
+                      f"at step {step} of {num_steps} in {checkpoints.directory}. Run the same "
+                      "command again to resume.", flush=True)
+                completed = False
+                break
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.close()  # waits for the last asynchronous save to commit
 
     best_epoch, best = min(history, key=lambda h: h[1])
-    summary = RunSummary(cfg.objective, n_params, best, best_epoch, history[-1][1], num_steps,
-                         num_steps * tokens_per_step)
-    (workdir / "summary.json").write_text(json.dumps(summary._asdict(), indent=2))
+    done = int(step) if not completed else num_steps
+    summary = RunSummary(cfg.objective, n_params, best, best_epoch, history[-1][1], done,
+                         done * tokens_per_step, completed, skipped_total)
+    if completed:
+        write_atomically(workdir / "summary.json", json.dumps(summary._asdict(), indent=2))
     return summary

@@ -1,0 +1,25 @@
+"""Pallas kernels (TPU; interpret mode on CPU) and their pure-JAX counterparts.
+
+flash_attention: blocked softmax attention with a custom VJP, [batch, seq, heads, head_dim].
+cross_entropy: weighted cross-entropy against the tied embedding without [T, V] logits
+(`xla`, `chunked` and `pallas` implementations behind one signature).
+"""
+
+from dvar_jax.kernels.cross_entropy import (
+    CROSS_ENTROPY_IMPLS,
+    chunked_cross_entropy,
+    fused_cross_entropy,
+    get_cross_entropy,
+    xla_cross_entropy,
+)
+from dvar_jax.kernels.flash_attention import debug_block_visits, flash_attention
+
+__all__ = [
+    "CROSS_ENTROPY_IMPLS",
+    "chunked_cross_entropy",
+    "debug_block_visits",
+    "flash_attention",
+    "fused_cross_entropy",
+    "get_cross_entropy",
+    "xla_cross_entropy",
+]

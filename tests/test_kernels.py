@@ -1,0 +1,218 @@
+"""Pallas kernels (interpret mode on CPU) against plain-jnp references.
+
+Shapes stay tiny: interpret mode runs the grid as a scan and compiles each variant for about a
+second, so every test checks values and gradients from one compiled call.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dvar_jax.kernels import cross_entropy as ce
+from dvar_jax.kernels.flash_attention import debug_block_visits, flash_attention, plan_blocks
+from dvar_jax.model.attention import dot_product_attention
+
+BATCH, HEADS, HEAD_DIM = 2, 2, 16
+
+
+def _qkv(seq: int, dtype=jnp.float32, seed: int = 0):
+    """q, k, v, and an output cotangent, each [batch, seq, heads, head_dim]."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return [jax.random.normal(k, (BATCH, seq, HEADS, HEAD_DIM)).astype(dtype) for k in keys]
+
+
+def _packed_segments(seq: int) -> jnp.ndarray:
+    """[batch, seq] document ids of packed sequences, boundaries off the block grid."""
+    rows = []
+    for cuts in ((13, 40), (29,)):
+        ids = np.zeros(seq, np.int32)
+        for cut in cuts:
+            ids[cut:] += 1
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def _masked_reference(q, k, v, *, causal: bool, segment_ids):
+    """Plain softmax attention with an explicit [batch, 1, seq, seq] mask (causal & segments)."""
+    seq = q.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    allowed = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if causal:
+        allowed = allowed & jnp.tril(jnp.ones((seq, seq), bool))
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _value_and_grads(fn, q, k, v, do):
+    """fn(q, k, v) and its vjp with cotangent do, as one jitted call."""
+    def run(q, k, v, do):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(do)
+    return jax.jit(run)(q, k, v, do)
+
+
+def _assert_attention_matches(fn, reference, q, k, v, do, *, atol_out, atol_grad):
+    out, grads = _value_and_grads(fn, q, k, v, do)
+    ref_out, ref_grads = _value_and_grads(reference, q, k, v, do)
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=atol_out, rtol=0)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.float32(got), np.float32(want), atol=atol_grad, rtol=0,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_matches_reference(causal):
+    q, k, v, do = _qkv(64)
+    _assert_attention_matches(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=32, block_k=32),
+        lambda q, k, v: dot_product_attention(q, k, v, causal=causal),
+        q, k, v, do, atol_out=1e-5, atol_grad=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_segment_ids(causal):
+    q, k, v, do = _qkv(64, seed=1)
+    segments = _packed_segments(64)
+    _assert_attention_matches(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=segments,
+                                        block_q=32, block_k=32),
+        lambda q, k, v: _masked_reference(q, k, v, causal=causal, segment_ids=segments),
+        q, k, v, do, atol_out=1e-5, atol_grad=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_pads_seq_not_divisible_by_blocks(causal):
+    # seq 72 with blocks (32, 16): padded to 96, padding masked, padded rows dropped.
+    assert plan_blocks(72, 32, 16) == (32, 16, 96)
+    q, k, v, do = _qkv(72, seed=2)
+    _assert_attention_matches(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=32, block_k=16),
+        lambda q, k, v: dot_product_attention(q, k, v, causal=causal),
+        q, k, v, do, atol_out=1e-5, atol_grad=1e-4)
+
+
+def test_block_planning_and_bad_blocks():
+    assert plan_blocks(40, 128, 128) == (40, 40, 40)  # blocks shrink to a short sequence
+    assert plan_blocks(72, 128, 64) == (128, 64, 128)
+    assert plan_blocks(256, 64, 128) == (64, 128, 256)
+    q, k, v, _ = _qkv(64)
+    with pytest.raises(ValueError, match=r"block_q=12 must be a positive multiple of 8.*seq=64"):
+        flash_attention(q, k, v, causal=True, block_q=12, block_k=32)
+    with pytest.raises(ValueError, match="block_k=0"):
+        flash_attention(q, k, v, causal=True, block_q=32, block_k=0)
+    with pytest.raises(ValueError, match="divide one another"):
+        flash_attention(q, k, v, causal=True, block_q=32, block_k=48)
+
+
+def test_causal_skips_blocks_above_the_diagonal():
+    q, k, v, _ = _qkv(128)
+    visits = debug_block_visits(q, k, v, causal=True, block_q=32, block_k=32)
+    lower = np.tril(np.ones((4, 4), np.int32))  # [q block, k block]
+    np.testing.assert_array_equal(visits["forward"], np.broadcast_to(lower, (BATCH, HEADS, 4, 4)))
+    np.testing.assert_array_equal(visits["dq"], visits["forward"])
+    np.testing.assert_array_equal(visits["dkv"], np.swapaxes(visits["forward"], 2, 3))
+    assert visits["forward"].sum() == BATCH * HEADS * 10  # 10 of 16 blocks computed
+
+
+def test_flash_attention_bfloat16():
+    q, k, v, do = _qkv(64, dtype=jnp.bfloat16, seed=3)
+    _assert_attention_matches(
+        lambda q, k, v: flash_attention(q, k, v, causal=True, block_q=32, block_k=32),
+        lambda q, k, v: dot_product_attention(q, k, v, causal=True),
+        q, k, v, do, atol_out=3e-2, atol_grad=6e-2)
+
+
+def test_kernels_lower_for_tpu():
+    """Mosaic TPU lowering (no TPU needed) at TPU-sized tiles: bf16, blocks 128, causal + ids."""
+    x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+    def attention_grads(q, k, v, segment_ids):
+        loss = lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                               interpret=False).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    def loss_grads(h, e, t, w):
+        loss = lambda h, e: ce.fused_cross_entropy(h, e, t, w, interpret=False)[0]
+        return jax.grad(loss, argnums=(0, 1))(h, e)
+
+    exported = [
+        jax.export.export(jax.jit(attention_grads), platforms=["tpu"])(x, x, x, ids),
+        jax.export.export(jax.jit(loss_grads), platforms=["tpu"])(
+            jax.ShapeDtypeStruct((512, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1000, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((512,), jnp.int32), jax.ShapeDtypeStruct((512,), jnp.float32)),
+    ]
+    for module in exported:  # forward + two backward kernels each
+        assert module.mlir_module().count("tpu_custom_call") == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy.
+
+DIM, VOCAB = 32, 300
+
+
+def _reference_loss(hidden, embedding, targets, weights):
+    """Full [T, V] float32 logits and log_softmax: (weighted loss sum, weight sum)."""
+    log_probs = jax.nn.log_softmax(jnp.dot(hidden, embedding.T), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(weights * nll), jnp.sum(weights)
+
+
+def _loss_inputs(tokens: int, weighting: str, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    hidden = jax.random.normal(keys[0], (tokens, DIM))
+    embedding = 0.5 * jax.random.normal(keys[1], (VOCAB, DIM))
+    targets = jax.random.randint(keys[2], (tokens,), 0, VOCAB)
+    if weighting == "ar":
+        weights = jnp.ones((tokens,))
+    else:  # masked diffusion: 1/p on masked positions, 0 elsewhere
+        p = 0.4
+        weights = jnp.where(jax.random.bernoulli(keys[3], p, (tokens,)), 1.0 / p, 0.0)
+    return hidden, embedding, targets, weights
+
+
+IMPLS = {
+    "chunked": lambda h, e, t, w: ce.chunked_cross_entropy(h, e, t, w, block_v=128),
+    "pallas": lambda h, e, t, w: ce.fused_cross_entropy(h, e, t, w, block_t=32, block_v=128),
+}
+
+
+@pytest.mark.parametrize(("impl", "weighting", "tokens"), [
+    ("chunked", "ar", 64), ("chunked", "diffusion", 50),
+    ("pallas", "ar", 64), ("pallas", "diffusion", 50),  # T 50: not divisible by block_t 32
+])
+def test_cross_entropy_matches_reference(impl, weighting, tokens):
+    # V 300 is not divisible by block_v 128: the last block is padded and masked.
+    hidden, embedding, targets, weights = _loss_inputs(tokens, weighting)
+
+    def run(fn):
+        def total(h, e, w):
+            loss_sum, weight_sum = fn(h, e, targets, w)
+            return loss_sum + 0.5 * weight_sum, (loss_sum, weight_sum)
+        return jax.jit(jax.grad(total, argnums=(0, 1, 2), has_aux=True))(hidden, embedding,
+                                                                         weights)
+
+    grads, (loss_sum, weight_sum) = run(IMPLS[impl])
+    ref_grads, (ref_loss, ref_weight_sum) = run(_reference_loss)
+    np.testing.assert_allclose(loss_sum, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(weight_sum, ref_weight_sum, rtol=1e-6)
+    for name, got, want in zip(("hidden", "embedding", "weights"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_cross_entropy_registry_and_bad_blocks():
+    hidden, embedding, targets, weights = _loss_inputs(16, "ar")
+    np.testing.assert_allclose(ce.get_cross_entropy("xla")(hidden, embedding, targets, weights),
+                               _reference_loss(hidden, embedding, targets, weights), rtol=1e-6)
+    assert ce.plan_axis("block_v", 300, 128) == (128, 384)
+    assert ce.plan_axis("block_t", 20, 256) == (24, 24)
+    with pytest.raises(ValueError, match=r"block_v=100 must be a positive multiple of 8"):
+        ce.fused_cross_entropy(hidden, embedding, targets, weights, block_v=100)
+    with pytest.raises(ValueError, match="block_v=-8"):
+        ce.chunked_cross_entropy(hidden, embedding, targets, weights, block_v=-8)
+    with pytest.raises(ValueError, match="loss_impl must be one of"):
+        ce.get_cross_entropy("fused")
