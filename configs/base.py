@@ -28,6 +28,8 @@ def get_config() -> ConfigDict:
     c.model.hidden_dropout = 0.1
     # Compute dtype of activations and matmuls; parameters and optimizer state stay float32.
     c.model.dtype = "float32"  # "float32" | "bfloat16"
+    # "xla" (reference) or "pallas" (flash attention kernel; needs attention_dropout = 0).
+    c.model.attention_impl = "xla"
 
     c.data = ConfigDict()
     # "shakespeare": the embedded default corpus (DATA.md §1).

@@ -7,6 +7,7 @@ well under a second with a message naming the key, the value, and what is allowe
 from ml_collections import ConfigDict
 
 from configs.models import MODEL_SIZES
+from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
 from dvar_jax.objectives import OBJECTIVES
 from dvar_jax.sharding import rules_from_config
@@ -57,6 +58,12 @@ def validate_config(cfg: ConfigDict) -> None:
         problems.append(str(e))
     for k in ("attention_dropout", "hidden_dropout"):
         check(0.0 <= cfg.model[k] < 1.0, f"model.{k}={cfg.model[k]}: must be in [0, 1)")
+    check(cfg.model.attention_impl in ATTENTION_IMPLS,
+          f"model.attention_impl={cfg.model.attention_impl!r}: allowed "
+          f"{', '.join(ATTENTION_IMPLS)}")
+    check(cfg.model.attention_impl == "xla" or cfg.model.attention_dropout == 0.0,
+          f"model.attention_dropout={cfg.model.attention_dropout}: must be 0 with "
+          f"model.attention_impl={cfg.model.attention_impl!r} (dropout needs 'xla')")
     check(cfg.model.dtype in DTYPES,
           f"model.dtype={cfg.model.dtype!r}: allowed {', '.join(DTYPES)}")
 
@@ -120,5 +127,6 @@ def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int) -> Transforme
         attention_dropout=cfg.model.attention_dropout,
         hidden_dropout=cfg.model.hidden_dropout,
         dtype=cfg.model.dtype,
+        attention_impl=cfg.model.attention_impl,
         **model_dims(cfg.model),
     )

@@ -153,6 +153,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
+def per_shard(fn, args: Sequence[jax.Array], names: Sequence[str | None]) -> jax.Array:
+    """fn(*args) on each device's shard (all args and the output laid out as `names`), for
+    kernels XLA cannot partition; a plain call outside a mesh."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    spec = logical_to_spec(names, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                         check_vma=False)(*args)
+
+
 def maybe_initialize_distributed(mode: str) -> bool:
     """Calls jax.distributed.initialize() for a multi-host run; returns whether it did.
 

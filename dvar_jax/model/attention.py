@@ -1,11 +1,20 @@
 """Attention and rotary position embeddings: pure functions of arrays.
 
-`model.attention_impl` will select other kernels (Pallas, splash) here; `xla` is the
-reference path every other implementation is checked against.
+`model.attention_impl` selects the implementation: `xla` (the reference every other one is
+checked against) or `pallas` (dvar_jax/kernels/flash_attention.py: blocked, no [seq, seq]
+matrix in memory; interpret mode on CPU).
 """
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+from dvar_jax.sharding import per_shard
+
+ATTENTION_IMPLS = ("xla", "pallas")
+# Logical names of q, k, v and the output [batch, seq, heads, head_dim].
+QKV_AXES = ("batch", "seq", "heads", None)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -59,3 +68,22 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, causal: bool,
+              dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Attention by the chosen implementation; [batch, seq, heads, head_dim] in and out.
+
+    A Pallas kernel is not partitioned by XLA: on a mesh it runs per shard (batch and heads
+    are independent), through `per_shard`.
+    """
+    if impl == "xla":
+        return dot_product_attention(q, k, v, causal=causal, dropout_rate=dropout_rate,
+                                     dropout_rng=dropout_rng)
+    if impl == "pallas":
+        if dropout_rate > 0.0 and dropout_rng is not None:
+            raise ValueError("attention dropout needs model.attention_impl='xla'")
+        from dvar_jax.kernels.flash_attention import flash_attention
+
+        return per_shard(partial(flash_attention, causal=causal), (q, k, v), QKV_AXES)
+    raise ValueError(f"model.attention_impl={impl!r}: allowed {', '.join(ATTENTION_IMPLS)}")

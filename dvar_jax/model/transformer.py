@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dvar_jax.model.attention import apply_rope, dot_product_attention, rope_tables
+from dvar_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, rope_tables
 from dvar_jax.sharding import constrain
 
 # Logical names of the residual stream [batch, seq, d_model] at block boundaries.
@@ -50,6 +50,7 @@ class TransformerConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     dtype: str = "float32"
+    attention_impl: str = "xla"
     rope_theta: float = 1e4
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -63,6 +64,12 @@ class TransformerConfig:
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+        if self.attention_impl != "xla" and self.attention_dropout > 0:
+            raise ValueError(f"model attention_dropout={self.attention_dropout} needs "
+                             f"attention_impl='xla' (got {self.attention_impl!r})")
         if self.dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -114,8 +121,9 @@ class Block(nnx.Module):
         qkv = self.qkv(self.attn_norm(x)).reshape(batch, seq, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = dot_product_attention(
-            q, k, v, causal=cfg.causal, dropout_rate=cfg.attention_dropout,
+        attn = attention(
+            q, k, v, impl=cfg.attention_impl, causal=cfg.causal,
+            dropout_rate=cfg.attention_dropout,
             dropout_rng=None if deterministic else dropout_rngs.dropout())
         attn = self.attn_out(attn.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
         x = x + self.dropout(attn, deterministic=deterministic, rngs=dropout_rngs)
