@@ -6,7 +6,12 @@ value is a clear error (exit status 2) before anything runs.
 """
 
 import dataclasses
+import os
 import sys
+
+# TensorFlow (imported by seqio and tfds) prints CUDA and oneDNN start-up notices that say
+# nothing about this program; keep them out of the user's terminal unless asked for.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable
 from pathlib import Path
 
