@@ -21,15 +21,25 @@ def get_config() -> ConfigDict:
     c.model.d_model = config_dict.placeholder(int)  # only with name="custom"
     c.model.n_layers = config_dict.placeholder(int)  # only with name="custom"
     c.model.n_heads = config_dict.placeholder(int)  # only with name="custom"
-    c.model.head_dim = config_dict.placeholder(int)  # only with name="custom"
+    # Only with name="custom"; optional there: left out, it is d_model // n_heads (which must
+    # divide evenly). Given, n_heads * head_dim may differ from d_model (as the study's 20M).
+    c.model.head_dim = config_dict.placeholder(int)
     # Dropout on attention probabilities and on residual branches + embeddings. The study's
     # code runs Megatron's defaults (0.1 / 0.1); its paper is silent (PAPER.md §12.1).
     c.model.attention_dropout = 0.1
     c.model.hidden_dropout = 0.1
     # Compute dtype of activations and matmuls; parameters and optimizer state stay float32.
     c.model.dtype = "float32"  # "float32" | "bfloat16"
-    # "xla" (reference) or "pallas" (flash attention kernel; needs attention_dropout = 0).
+    # "xla" (reference), "pallas" (our flash attention kernel) or "splash" (JAX's TPU splash
+    # kernel); both kernels need attention_dropout = 0 and run in interpret mode on CPU.
     c.model.attention_impl = "xla"
+    c.model.attention_block_q = 128  # pallas kernel blocks: multiples of 8 (TPU: of 128)
+    c.model.attention_block_k = 128
+    # Output layer + cross-entropy: "xla" (full [batch, seq, vocab] logits), "chunked" (pure JAX
+    # over vocabulary blocks) or "pallas" (fused kernel); the last two never build the logits.
+    c.model.loss_impl = "xla"
+    c.model.loss_block_t = 256  # pallas token block: a multiple of 8
+    c.model.loss_block_v = 512  # vocabulary block (chunked and pallas): a multiple of 8
 
     c.data = ConfigDict()
     # "shakespeare": the embedded default corpus (DATA.md §1).

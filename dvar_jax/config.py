@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 from configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
+from dvar_jax.model.output import LOSS_IMPLS
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
 from dvar_jax.objectives import OBJECTIVES
 from dvar_jax.sharding import rules_from_config
@@ -17,15 +18,33 @@ DATA_SOURCES = ("shakespeare", "text")
 TOKENIZER_TYPES = ("unigram", "bpe")
 
 
+def _divisors_near(n: int, target: int) -> str:
+    """The divisors of n closest to target, smallest first, as "2, 4" (for error messages)."""
+    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+    return ", ".join(str(d) for d in sorted(divisors[:2]))
+
+
 def model_dims(model_cfg: ConfigDict) -> dict[str, int]:
     """d_model, n_layers, n_heads, head_dim from `model.name` (or the explicit dims for custom)."""
     name = model_cfg.name
     given = {k: model_cfg[k] for k in DIMS if model_cfg[k] is not None}
     if name == "custom":
-        missing = [k for k in DIMS if k not in given]
+        # head_dim may be left out: it is then d_model // n_heads, which must divide evenly.
+        missing = [k for k in DIMS if k not in given and k != "head_dim"]
         if missing:
             raise ValueError(f"model.name='custom' needs model.{', model.'.join(missing)}")
-        return given
+        if "head_dim" not in given:
+            d_model, n_heads = given["d_model"], given["n_heads"]
+            bad = [f"model.{k}={given[k]}" for k in ("d_model", "n_heads") if given[k] < 1]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: must be >= 1")
+            if d_model % n_heads:
+                raise ValueError(
+                    f"model.n_heads={n_heads} does not divide model.d_model={d_model}: allowed "
+                    f"n_heads dividing d_model (e.g. {_divisors_near(d_model, n_heads)}), or "
+                    "give model.head_dim explicitly")
+            given["head_dim"] = d_model // n_heads
+        return {k: given[k] for k in DIMS}
     if name not in MODEL_SIZES:
         raise ValueError(
             f"model.name={name!r} is not a known size; choose one of "
@@ -64,6 +83,11 @@ def validate_config(cfg: ConfigDict) -> None:
     check(cfg.model.attention_impl == "xla" or cfg.model.attention_dropout == 0.0,
           f"model.attention_dropout={cfg.model.attention_dropout}: must be 0 with "
           f"model.attention_impl={cfg.model.attention_impl!r} (dropout needs 'xla')")
+    check(cfg.model.loss_impl in LOSS_IMPLS,
+          f"model.loss_impl={cfg.model.loss_impl!r}: allowed {', '.join(LOSS_IMPLS)}")
+    for k in ("attention_block_q", "attention_block_k", "loss_block_t", "loss_block_v"):
+        check(cfg.model[k] > 0 and cfg.model[k] % 8 == 0,
+              f"model.{k}={cfg.model[k]}: must be a positive multiple of 8")
     check(cfg.model.dtype in DTYPES,
           f"model.dtype={cfg.model.dtype!r}: allowed {', '.join(DTYPES)}")
 
@@ -115,6 +139,8 @@ def validate_config(cfg: ConfigDict) -> None:
     check(e.batch_size >= 1, f"eval.batch_size={e.batch_size}: must be >= 1")
     check(e.num_mc >= 1, f"eval.num_mc={e.num_mc}: must be >= 1")
 
+    if len(problems) == 1:  # the usual case: one line
+        raise ValueError(f"invalid config: {problems[0]}")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -128,5 +154,10 @@ def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int) -> Transforme
         hidden_dropout=cfg.model.hidden_dropout,
         dtype=cfg.model.dtype,
         attention_impl=cfg.model.attention_impl,
+        attention_block_q=cfg.model.attention_block_q,
+        attention_block_k=cfg.model.attention_block_k,
+        loss_impl=cfg.model.loss_impl,
+        loss_block_t=cfg.model.loss_block_t,
+        loss_block_v=cfg.model.loss_block_v,
         **model_dims(cfg.model),
     )

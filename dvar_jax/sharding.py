@@ -153,16 +153,28 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
-def per_shard(fn, args: Sequence[jax.Array], names: Sequence[str | None]) -> jax.Array:
-    """fn(*args) on each device's shard (all args and the output laid out as `names`), for
-    kernels XLA cannot partition; a plain call outside a mesh."""
+def per_shard(fn, args: Sequence[jax.Array], names, out_names: Sequence[str | None] | None = None
+              ) -> jax.Array:
+    """fn(*args) on each device's shard, for kernels XLA cannot partition; a plain call outside
+    a mesh.
+
+    names: the logical names of every arg's axes, either one tuple shared by all args (then also
+    the output's, unless `out_names` is given) or a list with one tuple per arg. An axis named
+    None is whole on every device: an arg replicated that way is all-gathered before the call,
+    and its gradient is summed over the devices that used it.
+    """
     active = _ACTIVE.get()
     if active is None:
         return fn(*args)
     mesh, rules = active
-    spec = logical_to_spec(names, rules)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
-                         check_vma=False)(*args)
+    per_arg = names if isinstance(names, list) else [names] * len(args)
+    if out_names is None:
+        if isinstance(names, list):
+            raise ValueError("per_shard: out_names is needed when names are given per arg")
+        out_names = names
+    in_specs = tuple(logical_to_spec(n, rules) for n in per_arg)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                         out_specs=logical_to_spec(out_names, rules), check_vma=False)(*args)
 
 
 def maybe_initialize_distributed(mode: str) -> bool:

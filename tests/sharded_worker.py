@@ -2,7 +2,8 @@
 tests/test_sharding.py in a subprocess, because the device count is fixed when JAX starts).
 
 For every mesh and objective: the shard shape of every parameter, the loss of each of 3 steps,
-the parameters after them, and a validation loss; and the same on a single device.
+the parameters after them, and a validation loss; and the same on a single device. The meshes
+in KERNEL_MESHES run again with the Pallas attention and loss kernels (interpret mode, per shard).
 """
 
 import json
@@ -30,11 +31,12 @@ from dvar_jax.train import (
 )
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+KERNEL_MESHES = [(2, 2, 2), (1, 4, 2)]
 MASK_ID = 200
 STEPS = 3
 
 
-def run(mesh_shape, objective_name):
+def run(mesh_shape, objective_name, kernels=False):
     cfg = get_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
     devices = jax.devices()[: int(np.prod(mesh_shape))]
@@ -42,7 +44,10 @@ def run(mesh_shape, objective_name):
     rules = rules_from_config(cfg.mesh.rules)
     objective = get_objective(objective_name)
     model_cfg = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, head_dim=16,
-                                  causal=objective.causal)
+                                  causal=objective.causal,
+                                  **(dict(attention_impl="pallas", attention_block_q=8,
+                                          attention_block_k=8, loss_impl="pallas",
+                                          loss_block_t=8, loss_block_v=128) if kernels else {}))
     cfg.train.peak_lr, cfg.train.warmup_fraction = 1e-2, 0.0
     tx = make_optimizer(cfg.train, 10)
     rng = np.random.RandomState(0)
@@ -65,7 +70,8 @@ def run(mesh_shape, objective_name):
         val = evaluate(eval_step, state.params, windows, batch_size=8, seed=0)
     params = {jax.tree_util.keystr(p): np.asarray(x).ravel().tolist()
               for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state.params))}
-    return {"mesh": list(mesh_shape), "objective": objective_name, "shards": shards,
+    return {"mesh": list(mesh_shape), "objective": objective_name, "kernels": kernels,
+            "shards": shards,
             "opt_leaves": opt_leaves, "losses": losses, "val_loss": val, "params": params,
             "step": int(state.step)}
 
@@ -73,6 +79,7 @@ def run(mesh_shape, objective_name):
 def main():
     assert jax.device_count() >= 8, f"needs 8 devices, has {jax.device_count()}"
     results = [run(m, o) for o in ("ar", "diffusion") for m in MESHES]
+    results += [run(m, o, kernels=True) for o in ("ar", "diffusion") for m in KERNEL_MESHES]
     json.dump(results, sys.stdout)
 
 

@@ -9,13 +9,15 @@ import pytest
 from flax import nnx
 
 import dvar_jax.objectives.diffusion as diffusion_module
+from dvar_jax.model.output import logits_sequence_losses
 from dvar_jax.model.transformer import Transformer, TransformerConfig, padded_vocab_size
 from dvar_jax.objectives import get_objective
 from dvar_jax.objectives.ar import ar_loss, ar_validation_loss
 from dvar_jax.objectives.diffusion import (
     diffusion_loss,
     diffusion_validation_loss,
-    masked_diffusion_token_losses,
+    mask_tokens,
+    masked_diffusion_sequence_losses,
     stratified_times,
 )
 
@@ -25,32 +27,38 @@ VOCAB = 64  # padded logit width of the fake models
 
 
 class FakeModel:
-    """`model(tokens, dropout_rng=None) -> logits` with logits fixed in advance; records every
-    call's (tokens, dropout_rng). Used only outside jit/scan so the records are concrete."""
+    """The model interface the objectives use, `sequence_losses(tokens, targets, weights,
+    dropout_rng=None) -> [batch]`, over logits fixed in advance; records every call's
+    (tokens, dropout_rng) and (targets, weights). Used only outside jit/scan so the records are
+    concrete."""
 
     def __init__(self, logits: np.ndarray):
         self.logits = np.asarray(logits, np.float32)
         self.calls: list[tuple[np.ndarray, object]] = []
+        self.scored: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def __call__(self, tokens, dropout_rng=None):
+    def sequence_losses(self, tokens, targets, weights, dropout_rng=None):
         assert tokens.shape == self.logits.shape[:2]
         self.calls.append((np.asarray(tokens), dropout_rng))
-        return jnp.asarray(self.logits)
+        self.scored.append((np.asarray(targets), np.asarray(weights)))
+        return logits_sequence_losses(jnp.asarray(self.logits), targets, weights)
 
 
-def constant_model(row_logits: np.ndarray):
+class ConstantModel:
     """A model whose logits [seq, vocab] ignore the input (broadcast over the batch); safe
-    under jit and scan."""
-    row = jnp.asarray(row_logits, jnp.float32)
+    under jit and scan (static, hashed by identity)."""
 
-    def model(tokens, dropout_rng=None):
-        return jnp.broadcast_to(row, (*tokens.shape, row.shape[-1]))
+    def __init__(self, row_logits: np.ndarray):
+        self.row = jnp.asarray(row_logits, jnp.float32)
 
-    return model
+    def sequence_losses(self, tokens, targets, weights, dropout_rng=None):
+        logits = jnp.broadcast_to(self.row, (*tokens.shape, self.row.shape[-1]))
+        return logits_sequence_losses(logits, targets, weights)
 
 
-# For fake models (plain functions, static) on many draws: one compile instead of every op.
-_jit_token_losses = jax.jit(masked_diffusion_token_losses, static_argnums=(0, 4))
+# Many draws: one compile instead of every op.
+_jit_mask_tokens = jax.jit(mask_tokens, static_argnums=(3,))
+_jit_sequence_losses = jax.jit(masked_diffusion_sequence_losses, static_argnums=(0, 4))
 
 
 def ce64(logits, targets) -> np.ndarray:
@@ -87,6 +95,9 @@ def test_ar_loss_is_mean_next_token_ce_of_shifted_tokens():
     (seen, dropout_rng), = model.calls
     np.testing.assert_array_equal(seen, tokens[:, :-1])
     assert dropout_rng is rng
+    (targets, weights), = model.scored
+    np.testing.assert_array_equal(targets, tokens[:, 1:])
+    np.testing.assert_array_equal(weights, np.ones((3, 10)))
     expected = ce64(model.logits, tokens[:, 1:]).mean()
     assert float(loss) == pytest.approx(expected, rel=1e-6)
     # Guard: the same logits scored against the unshifted tokens give another number.
@@ -111,25 +122,32 @@ def test_ar_validation_loss_is_exact_per_sequence_sum_of_ce():
 # ---------------------------------------------------------------- diffusion, exact
 
 
-def test_masked_token_losses_are_ce_over_p_exactly_where_the_model_saw_mask():
-    """Rows at t = 0, 0.3, 0.7, 1: the model sees MASK exactly where the loss is nonzero and
-    the clean token elsewhere; each nonzero loss is CE/p with p = (1 - 1e-3) t + 1e-3; t = 1
-    masks every position with weight 1."""
+def test_masked_sequence_losses_weight_ce_by_one_over_p_exactly_where_the_model_saw_mask():
+    """Rows at t = 0, 0.3, 0.7, 1: the model sees MASK exactly where the weight is nonzero and
+    the clean token elsewhere; it scores the clean tokens; each nonzero weight is 1/p with
+    p = (1 - 1e-3) t + 1e-3; t = 1 masks every position with weight 1; the per-sequence sums are
+    the float64 sums of CE/p over the masked positions."""
     t = np.array([0.0, 0.3, 0.7, 1.0], np.float32)
     clean = random_tokens(5, (4, 32))
     model = FakeModel(random_logits(6, (4, 32, VOCAB)))
     key = jax.random.key(11)
-    losses = np.asarray(masked_diffusion_token_losses(
-        model, jnp.asarray(clean), jnp.asarray(t), jax.random.key(3), MASK_ID, dropout_rng=key))
+    sums, weights = masked_diffusion_sequence_losses(
+        model, jnp.asarray(clean), jnp.asarray(t), jax.random.key(3), MASK_ID, dropout_rng=key)
     (noisy, dropout_rng), = model.calls
+    (targets, seen_weights), = model.scored
     assert dropout_rng is key
+    np.testing.assert_array_equal(targets, clean)
+    np.testing.assert_array_equal(seen_weights, np.asarray(weights))
     masked = noisy == MASK_ID
     np.testing.assert_array_equal(noisy[~masked], clean[~masked])
-    np.testing.assert_array_equal(losses != 0, masked)
-    expected = ce64(model.logits, clean) / p_mask(t)[:, None]
-    np.testing.assert_allclose(losses[masked], expected[masked], rtol=1e-5)
+    np.testing.assert_array_equal(seen_weights != 0, masked)
+    np.testing.assert_allclose(seen_weights[masked],
+                               np.broadcast_to(1 / p_mask(t)[:, None], masked.shape)[masked],
+                               rtol=1e-6)
+    expected = np.where(masked, ce64(model.logits, clean) / p_mask(t)[:, None], 0.0).sum(1)
+    np.testing.assert_allclose(np.asarray(sums), expected, rtol=1e-5)
     assert masked[3].all()  # t = 1: p = 1, everything masked
-    np.testing.assert_allclose(losses[3], ce64(model.logits[3], clean[3]), rtol=1e-5)
+    np.testing.assert_allclose(sums[3], ce64(model.logits[3], clean[3]).sum(), rtol=1e-5)
     assert 0 < masked[1].sum() < masked[2].sum() < 32  # the rates follow t
 
 
@@ -142,9 +160,9 @@ def test_diffusion_loss_divides_by_all_positions_and_drops_the_last_token(monkey
     def recording(model, clean, t, rng, mask_id, dropout_rng=None, **kw):
         seen_t.append(np.asarray(t, np.float64))
         assert dropout_rng is not None  # training: dropout on
-        return masked_diffusion_token_losses(model, clean, t, rng, mask_id, dropout_rng, **kw)
+        return masked_diffusion_sequence_losses(model, clean, t, rng, mask_id, dropout_rng, **kw)
 
-    monkeypatch.setattr(diffusion_module, "masked_diffusion_token_losses", recording)
+    monkeypatch.setattr(diffusion_module, "masked_diffusion_sequence_losses", recording)
     batch, window = 4, 33
     tokens = random_tokens(7, (batch, window))
     model = FakeModel(random_logits(8, (batch, window - 1, VOCAB)))
@@ -172,21 +190,20 @@ def test_diffusion_loss_divides_by_all_positions_and_drops_the_last_token(monkey
 
 
 _UNBIASED_LOGITS = random_logits(9, (16, VOCAB))
-_UNBIASED_MODEL = constant_model(_UNBIASED_LOGITS)  # one object: one compile for every t
 
 
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.9])
 def test_weighted_masked_loss_is_unbiased_for_mean_ce(t):
-    """For input-independent logits, E_mask[sum_j loss_j / L] = mean_j CE_j at any fixed t.
+    """For input-independent logits, E_mask[sum_j w_j CE_j / L] = mean_j CE_j at any fixed t
+    (w_j: mask_tokens' weights, 1/p where masked).
     4000 independent mask draws (rows of one repeated sequence); |MC mean - target| must be
     under 4 standard errors. The masked fraction is p within 4 binomial sigmas."""
     draws, seq = 4000, 16
     row_logits = _UNBIASED_LOGITS
     clean_row = random_tokens(10, (seq,))
     clean = jnp.asarray(np.broadcast_to(clean_row, (draws, seq)))
-    losses = np.asarray(_jit_token_losses(_UNBIASED_MODEL, clean,
-                                          jnp.full((draws,), t), jax.random.key(12), MASK_ID),
-                        np.float64)
+    _, weights = _jit_mask_tokens(clean, jnp.full((draws,), t), jax.random.key(12), MASK_ID)
+    losses = np.asarray(weights, np.float64) * ce64(row_logits, clean_row)
     estimates = losses.sum(axis=1) / seq
     target = ce64(row_logits, clean_row).mean()
     stderr = estimates.std(ddof=1) / math.sqrt(draws)
@@ -220,14 +237,14 @@ def test_stratified_times_offset_is_uniform_over_keys():
 
 
 def test_diffusion_validation_loss_averages_num_mc_draws_at_stratified_times():
-    """diffusion_validation_loss == mean over k of K manual masked_diffusion_token_losses
-    sums, with each sequence's own stratified t set and a fresh mask key per draw, as the
-    docstring documents (keys: split(rng) -> (t, mask); t per row from split(t_rng, batch);
+    """diffusion_validation_loss == mean over k of K manual masked_diffusion_sequence_losses,
+    with each sequence's own stratified t set and a fresh mask key per draw, as the docstring
+    documents (keys: split(rng) -> (t, mask); t per row from split(t_rng, batch);
     mask key fold_in(mask_rng, k))."""
     batch, window, num_mc = 3, 13, 4
     tokens = random_tokens(13, (batch, window))
     row_logits = random_logits(14, (window - 1, VOCAB))
-    model = constant_model(row_logits)
+    model = ConstantModel(row_logits)
     rng = jax.random.key(15)
     out = np.asarray(diffusion_validation_loss(model, jnp.asarray(tokens), rng, MASK_ID,
                                                num_mc))
@@ -235,8 +252,8 @@ def test_diffusion_validation_loss_averages_num_mc_draws_at_stratified_times():
     t_rng, mask_rng = jax.random.split(rng)
     t = np.stack([np.asarray(stratified_times(k, num_mc))
                   for k in jax.random.split(t_rng, batch)])
-    manual = np.mean([np.asarray(_jit_token_losses(
-        model, clean, jnp.asarray(t[:, k]), jax.random.fold_in(mask_rng, k), MASK_ID)).sum(-1)
+    manual = np.mean([np.asarray(_jit_sequence_losses(
+        model, clean, jnp.asarray(t[:, k]), jax.random.fold_in(mask_rng, k), MASK_ID)[0])
         for k in range(num_mc)], axis=0)
     assert out.shape == (batch,)
     np.testing.assert_allclose(out, manual, rtol=1e-5)
@@ -251,7 +268,7 @@ def test_diffusion_validation_loss_is_unbiased_for_the_sequence_ce_sum():
     tokens_row = random_tokens(17, (window,))
     tokens = jnp.asarray(np.broadcast_to(tokens_row, (copies, window)))
     out = np.asarray(jax.jit(diffusion_validation_loss, static_argnums=(0, 3, 4))(
-        constant_model(row_logits), tokens, jax.random.key(18), MASK_ID, num_mc), np.float64)
+        ConstantModel(row_logits), tokens, jax.random.key(18), MASK_ID, num_mc), np.float64)
     target = ce64(row_logits, tokens_row[:-1]).sum()
     stderr = out.std(ddof=1) / math.sqrt(copies)
     assert len(np.unique(out)) > copies // 2
@@ -277,9 +294,9 @@ def losses_at_init():
     def losses(model, tokens):
         ar, _ = ar_loss(model, tokens, jax.random.key(1), 200)
         diffusion, _ = diffusion_loss(model, tokens, jax.random.key(2), 200)
-        all_masked = masked_diffusion_token_losses(model, tokens[:, :-1], jnp.ones(1024),
-                                                   jax.random.key(3), 200)
-        return ar, diffusion, all_masked.mean()
+        all_masked, _ = masked_diffusion_sequence_losses(model, tokens[:, :-1], jnp.ones(1024),
+                                                         jax.random.key(3), 200)
+        return ar, diffusion, all_masked.mean() / 32
 
     return [float(x) for x in losses(model, tokens)]
 

@@ -12,7 +12,7 @@ from flax import nnx
 from configs.base import get_config
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective
-from dvar_jax.objectives.ar import ar_token_losses
+from dvar_jax.objectives.ar import ar_sequence_losses
 from dvar_jax.train import (
     create_train_state,
     evaluate,
@@ -118,8 +118,8 @@ def test_evaluate_averages_every_token_once_whatever_the_batch_size():
     for batch_size in (1, 3, 7, 10):  # 3 and 10 need a padded last batch
         got = evaluate(eval_step, state.params, windows, batch_size, seed=0)
         assert got == pytest.approx(nll, rel=1e-5)
-    per_seq = ar_token_losses(nnx.merge(graphdef, state.params), jnp.asarray(windows))
-    assert float(per_seq.mean()) == pytest.approx(nll, rel=1e-5)
+    per_seq = ar_sequence_losses(nnx.merge(graphdef, state.params), jnp.asarray(windows))
+    assert float(per_seq.mean()) / (windows.shape[1] - 1) == pytest.approx(nll, rel=1e-5)
 
 
 def test_diffusion_evaluation_is_fixed_by_its_seed():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dvar_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, rope_tables
+from dvar_jax.model.output import LOSS_IMPLS, kernel_sequence_losses, logits_sequence_losses
 from dvar_jax.sharding import constrain
 
 # Logical names of the residual stream [batch, seq, d_model] at block boundaries.
@@ -51,6 +52,11 @@ class TransformerConfig:
     hidden_dropout: float = 0.0
     dtype: str = "float32"
     attention_impl: str = "xla"
+    attention_block_q: int = 128
+    attention_block_k: int = 128
+    loss_impl: str = "xla"
+    loss_block_t: int = 256
+    loss_block_v: int = 512
     rope_theta: float = 1e4
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -70,6 +76,8 @@ class TransformerConfig:
         if self.attention_impl != "xla" and self.attention_dropout > 0:
             raise ValueError(f"model attention_dropout={self.attention_dropout} needs "
                              f"attention_impl='xla' (got {self.attention_impl!r})")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"model loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -168,6 +176,22 @@ class Transformer(nnx.Module):
         """tokens: [batch, seq] int -> logits [batch, seq, vocab_size] float32."""
         h = self.hidden_states(self.embed(tokens), positions, dropout_rng)
         return self.embed.attend(h).astype(jnp.float32)
+
+    def sequence_losses(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array,
+                        positions: jax.Array | None = None,
+                        dropout_rng: jax.Array | None = None) -> jax.Array:
+        """sum_s weights[b, s] * CE(logits[b, s], targets[b, s]) per sequence -> [batch] float32.
+
+        tokens, targets: [batch, seq] int; weights: [batch, seq] float. The objectives' one
+        entry point: with `loss_impl` chunked or pallas the [batch, seq, vocab] logits are never
+        built (model/output.py).
+        """
+        h = self.hidden_states(self.embed(tokens), positions, dropout_rng)
+        if self.cfg.loss_impl == "xla":
+            return logits_sequence_losses(self.embed.attend(h), targets, weights)
+        return kernel_sequence_losses(h, self.embed.embedding[...], targets, weights,
+                                      impl=self.cfg.loss_impl, block_t=self.cfg.loss_block_t,
+                                      block_v=self.cfg.loss_block_v)
 
 
 def count_params(model: nnx.Module) -> int:

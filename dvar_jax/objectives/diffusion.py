@@ -9,25 +9,32 @@ negative ELBO.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 MASK_EPS = 1e-3
 
 
-def masked_diffusion_token_losses(model, clean: jax.Array, t: jax.Array, rng: jax.Array,
-                                  mask_id: int, dropout_rng: jax.Array | None = None,
-                                  eps: float = MASK_EPS) -> jax.Array:
-    """Weighted per-token losses at given noise levels.
+def mask_tokens(clean: jax.Array, t: jax.Array, rng: jax.Array, mask_id: int,
+                eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
+    """The forward process at noise levels t: (noisy tokens, loss weights), both [batch, seq].
 
-    clean: [batch, seq] token ids; t: [batch] in [0, 1]. Returns [batch, seq] float32 with
-    CE / p on masked positions and 0 elsewhere.
+    clean: [batch, seq] token ids; t: [batch] in [0, 1]. Each token becomes `mask_id` with
+    probability p = (1 - eps) t + eps; the weights are 1/p where masked and 0 elsewhere.
     """
     p = (1.0 - eps) * t + eps  # [batch]
     masked = jax.random.bernoulli(rng, p[:, None], clean.shape)
-    noisy = jnp.where(masked, mask_id, clean)
-    logits = model(noisy, dropout_rng=dropout_rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, clean)
-    return jnp.where(masked, ce / p[:, None], 0.0)
+    weights = jnp.where(masked, 1.0 / p[:, None], 0.0).astype(jnp.float32)
+    return jnp.where(masked, mask_id, clean), weights
+
+
+def masked_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng: jax.Array,
+                                     mask_id: int, dropout_rng: jax.Array | None = None,
+                                     eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence sums of CE / p over masked positions at noise levels t: ([batch], weights).
+
+    clean: [batch, seq]; t: [batch]. The weights [batch, seq] are returned for statistics.
+    """
+    noisy, weights = mask_tokens(clean, t, rng, mask_id, eps)
+    return model.sequence_losses(noisy, clean, weights, dropout_rng=dropout_rng), weights
 
 
 def diffusion_loss(model, tokens: jax.Array, rng: jax.Array,
@@ -36,9 +43,9 @@ def diffusion_loss(model, tokens: jax.Array, rng: jax.Array,
     clean = tokens[:, :-1]
     t_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
     t = jax.random.uniform(t_rng, (clean.shape[0],))
-    losses = masked_diffusion_token_losses(model, clean, t, mask_rng, mask_id, dropout_rng)
-    masked_fraction = jnp.mean(losses > 0)
-    return losses.sum() / clean.size, {"masked_fraction": masked_fraction}
+    losses, weights = masked_diffusion_sequence_losses(model, clean, t, mask_rng, mask_id,
+                                                       dropout_rng)
+    return losses.sum() / clean.size, {"masked_fraction": jnp.mean(weights > 0)}
 
 
 def stratified_times(rng: jax.Array, num_mc: int) -> jax.Array:
@@ -58,9 +65,9 @@ def diffusion_validation_loss(model, tokens: jax.Array, rng: jax.Array, mask_id:
 
     def one_draw(carry, k):
         t_k = t[:, k]
-        losses = masked_diffusion_token_losses(
+        losses, _ = masked_diffusion_sequence_losses(
             model, clean, t_k, jax.random.fold_in(mask_rng, k), mask_id)
-        return carry + losses.sum(axis=-1), None
+        return carry + losses, None
 
     total, _ = jax.lax.scan(one_draw, jnp.zeros((batch,), jnp.float32), jnp.arange(num_mc))
     return total / num_mc
