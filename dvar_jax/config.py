@@ -83,6 +83,9 @@ def validate_config(cfg: ConfigDict) -> None:
     check(cfg.model.attention_impl == "xla" or cfg.model.attention_dropout == 0.0,
           f"model.attention_dropout={cfg.model.attention_dropout}: must be 0 with "
           f"model.attention_impl={cfg.model.attention_impl!r} (dropout needs 'xla')")
+    check(cfg.model.attention_impl != "splash" or cfg.data.seq_len % 128 == 0,
+          f"data.seq_len={cfg.data.seq_len}: model.attention_impl='splash' needs a multiple of "
+          "128 (or use 'pallas', which pads)")
     check(cfg.model.loss_impl in LOSS_IMPLS,
           f"model.loss_impl={cfg.model.loss_impl!r}: allowed {', '.join(LOSS_IMPLS)}")
     for k in ("attention_block_q", "attention_block_k", "loss_block_t", "loss_block_v"):

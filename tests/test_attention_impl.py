@@ -1,5 +1,6 @@
 """`model.attention_impl=pallas`: the same model and gradients as the XLA reference."""
 
+import importlib
 import re
 
 import jax
@@ -62,6 +63,38 @@ def test_pallas_attention_refuses_attention_dropout():
     with pytest.raises(ValueError, match=re.escape("model.attention_dropout=0.1: must be 0 with")):
         validate_config(cfg)
     cfg.model.attention_impl = "cudnn"
-    expected = "model.attention_impl='cudnn': allowed xla, pallas"
+    expected = "model.attention_impl='cudnn': allowed xla, pallas, splash"
     with pytest.raises(ValueError, match=re.escape(expected)):
         validate_config(cfg)
+
+
+def test_block_sizes_from_the_config_reach_the_kernel(monkeypatch):
+    """model.attention_block_q/k are the kernel's blocks (seq 16 in 8 x 8 blocks: 2 x 2 grid,
+    the causal skip included), and the model still matches xla."""
+    # The module, not the package's re-export of the function of the same name.
+    fa = importlib.import_module("dvar_jax.kernels.flash_attention")
+
+    seen, original = [], fa.flash_attention
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["block_q"], kwargs["block_k"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "flash_attention", recording)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 120, (2, 16)))
+    cfg = TransformerConfig(causal=True, attention_impl="pallas", attention_block_q=8,
+                            attention_block_k=8, **TINY)
+    got = Transformer(cfg, rngs=nnx.Rngs(0))(tokens)
+    assert seen and set(seen) == {(8, 8)}
+    np.testing.assert_allclose(got, _model("xla", True)(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_splash_needs_a_sequence_length_multiple_of_128():
+    cfg = get_config()
+    cfg.model.attention_impl, cfg.model.attention_dropout = "splash", 0.0
+    cfg.data.seq_len = 100
+    with pytest.raises(ValueError, match=re.escape(
+            "data.seq_len=100: model.attention_impl='splash' needs a multiple of 128")):
+        validate_config(cfg)
+    cfg.data.seq_len = 256
+    validate_config(cfg)

@@ -1,6 +1,7 @@
 """Pallas kernels (TPU; interpret mode on CPU) and their pure-JAX counterparts.
 
 flash_attention: blocked softmax attention with a custom VJP, [batch, seq, heads, head_dim].
+splash_attention: JAX's TPU splash attention kernel adapted to the same layout.
 cross_entropy: weighted cross-entropy against the tied embedding without [T, V] logits
 (`xla`, `chunked` and `pallas` implementations behind one signature).
 """
@@ -13,6 +14,7 @@ from dvar_jax.kernels.cross_entropy import (
     xla_cross_entropy,
 )
 from dvar_jax.kernels.flash_attention import debug_block_visits, flash_attention
+from dvar_jax.kernels.splash import splash_attention
 
 __all__ = [
     "CROSS_ENTROPY_IMPLS",
@@ -21,5 +23,6 @@ __all__ = [
     "flash_attention",
     "fused_cross_entropy",
     "get_cross_entropy",
+    "splash_attention",
     "xla_cross_entropy",
 ]

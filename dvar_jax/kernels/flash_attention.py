@@ -26,9 +26,11 @@ row, so that they broadcast against a [block_q, block_k] score tile without a tr
 On TPU, with segment_ids, block_k must be a multiple of 128 (or the whole padded seq): the
 key-segment row block is lane-tiled, and Pallas refuses it otherwise. Tuning, not needed for
 correctness: production TPU kernels replicate the row statistics over 128 lanes to avoid
-masked loads; this kernel keeps them 1 wide for clarity. All three kernels lower to Mosaic
-(checked with `jax.export(..., platforms=["tpu"])` at bf16, blocks 128/256, head_dim 128); they
-have not been compiled or timed on a TPU.
+masked loads; this kernel keeps them 1 wide for clarity. All three kernels are compiled
+through Mosaic for an abstract TPU v5p device in tests/test_kernels.py (libtpu on a CPU host,
+`jax.jit(...).lower(...).compile()` at bf16, blocks 128, head_dim 128, causal and full, with and
+without segment ids), so Mosaic accepts their layouts; they have not yet run or been timed on a
+TPU chip (benchmarks/kernels.py times them where one is the backend).
 
 Sequence lengths not divisible by the blocks are PADDED internally (zeros), the padded keys
 masked out and the padded query rows dropped; a block larger than the sequence is shrunk to it.
@@ -441,7 +443,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _resolve_interpret(interpret: bool | None) -> bool:
     """None: interpret on CPU, compile otherwise. interpret=False on a CPU backend still lowers
-    for TPU (`jax.export(..., platforms=["tpu"])`); GPU is refused with a clear error."""
+    and compiles for TPU (`jax.export(..., platforms=["tpu"])`, or jit for an abstract TPU
+    device); GPU is refused with a clear error."""
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend == "cpu"

@@ -1,8 +1,9 @@
 """Attention and rotary position embeddings: pure functions of arrays.
 
 `model.attention_impl` selects the implementation: `xla` (the reference every other one is
-checked against) or `pallas` (dvar_jax/kernels/flash_attention.py: blocked, no [seq, seq]
-matrix in memory; interpret mode on CPU).
+checked against), `pallas` (dvar_jax/kernels/flash_attention.py: our blocked kernel, no
+[seq, seq] matrix in memory; interpret mode on CPU) or `splash` (dvar_jax/kernels/splash.py:
+JAX's TPU splash attention kernel; seq a multiple of 128; interpret mode on CPU).
 """
 
 from functools import partial
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from dvar_jax.sharding import per_shard
 
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas", "splash")
 # Logical names of q, k, v and the output [batch, seq, heads, head_dim].
 QKV_AXES = ("batch", "seq", "heads", None)
 
@@ -70,20 +71,35 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
+def _kernel(impl: str):
+    """The Pallas attention function of `impl`; imported lazily (Pallas import is not free)."""
+    if impl == "pallas":
+        from dvar_jax.kernels.flash_attention import flash_attention
+
+        return flash_attention
+    from dvar_jax.kernels.splash import splash_attention
+
+    return splash_attention
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, causal: bool,
-              dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+              dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+              blocks: tuple[int, int] = (128, 128)) -> jax.Array:
     """Attention by the chosen implementation; [batch, seq, heads, head_dim] in and out.
 
-    A Pallas kernel is not partitioned by XLA: on a mesh it runs per shard (batch and heads
-    are independent), through `per_shard`.
+    blocks: (query, key) block sizes of the pallas kernel (splash picks its own from seq).
+
+    A Pallas kernel (pallas, splash) is not partitioned by XLA: on a mesh it runs per shard
+    (batch and heads are independent), through `per_shard`.
     """
     if impl == "xla":
         return dot_product_attention(q, k, v, causal=causal, dropout_rate=dropout_rate,
                                      dropout_rng=dropout_rng)
-    if impl == "pallas":
+    if impl in ("pallas", "splash"):
         if dropout_rate > 0.0 and dropout_rng is not None:
-            raise ValueError("attention dropout needs model.attention_impl='xla'")
-        from dvar_jax.kernels.flash_attention import flash_attention
-
-        return per_shard(partial(flash_attention, causal=causal), (q, k, v), QKV_AXES)
+            raise ValueError(f"attention dropout needs model.attention_impl='xla', not {impl!r}")
+        kernel = partial(_kernel(impl), causal=causal)
+        if impl == "pallas":
+            kernel = partial(kernel, block_q=blocks[0], block_k=blocks[1])
+        return per_shard(kernel, (q, k, v), QKV_AXES)
     raise ValueError(f"model.attention_impl={impl!r}: allowed {', '.join(ATTENTION_IMPLS)}")

@@ -132,7 +132,8 @@ class Block(nnx.Module):
         attn = attention(
             q, k, v, impl=cfg.attention_impl, causal=cfg.causal,
             dropout_rate=cfg.attention_dropout,
-            dropout_rng=None if deterministic else dropout_rngs.dropout())
+            dropout_rng=None if deterministic else dropout_rngs.dropout(),
+            blocks=(cfg.attention_block_q, cfg.attention_block_k))
         attn = self.attn_out(attn.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
         x = x + self.dropout(attn, deterministic=deterministic, rngs=dropout_rngs)
 
