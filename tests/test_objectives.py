@@ -12,9 +12,10 @@ import dvar_jax.objectives.diffusion as diffusion_module
 from dvar_jax.model.output import logits_sequence_losses
 from dvar_jax.model.transformer import Transformer, TransformerConfig, padded_vocab_size
 from dvar_jax.objectives import get_objective
-from dvar_jax.objectives.ar import ar_loss, ar_validation_loss
+from dvar_jax.objectives.ar import ar_loss, ar_validation_draws, ar_validation_loss
 from dvar_jax.objectives.diffusion import (
     diffusion_loss,
+    diffusion_validation_draws,
     diffusion_validation_loss,
     mask_tokens,
     masked_diffusion_sequence_losses,
@@ -257,6 +258,11 @@ def test_diffusion_validation_loss_averages_num_mc_draws_at_stratified_times():
         for k in range(num_mc)], axis=0)
     assert out.shape == (batch,)
     np.testing.assert_allclose(out, manual, rtol=1e-5)
+    draws = np.asarray(diffusion_validation_draws(model, jnp.asarray(tokens), rng, MASK_ID,
+                                                  num_mc))
+    assert draws.shape == (batch, num_mc)
+    np.testing.assert_allclose(draws.mean(axis=1), out, rtol=1e-6)
+    assert np.all(draws.std(axis=1) > 0)  # separate draws, not one repeated
 
 
 def test_diffusion_validation_loss_is_unbiased_for_the_sequence_ce_sum():
@@ -326,10 +332,12 @@ def test_get_objective_registry():
     """ar is causal with the AR losses; diffusion is bidirectional with the diffusion losses;
     an unknown name raises ValueError naming it and the allowed ones."""
     ar, diffusion = get_objective("ar"), get_objective("diffusion")
-    assert (ar.name, ar.causal, ar.loss, ar.validation_loss) == (
-        "ar", True, ar_loss, ar_validation_loss)
-    assert (diffusion.name, diffusion.causal, diffusion.loss, diffusion.validation_loss) == (
-        "diffusion", False, diffusion_loss, diffusion_validation_loss)
+    assert (ar.name, ar.causal, ar.loss, ar.validation_loss, ar.validation_draws) == (
+        "ar", True, ar_loss, ar_validation_loss, ar_validation_draws)
+    assert (diffusion.name, diffusion.causal, diffusion.loss, diffusion.validation_loss,
+            diffusion.validation_draws) == (
+        "diffusion", False, diffusion_loss, diffusion_validation_loss,
+        diffusion_validation_draws)
     with pytest.raises(ValueError, match="nope") as err:
         get_objective("nope")
     assert "'ar'" in str(err.value) and "'diffusion'" in str(err.value)

@@ -24,3 +24,9 @@ def ar_validation_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
     """Exact NLL summed over each sequence's positions: [batch, seq + 1] -> [batch]."""
     del rng, mask_id, num_mc
     return ar_sequence_losses(model, tokens)
+
+
+def ar_validation_draws(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
+                        num_mc: int) -> jax.Array:
+    """`ar_validation_loss` as one exact "draw": [batch, seq + 1] -> [batch, 1]."""
+    return ar_validation_loss(model, tokens, rng, mask_id, num_mc)[:, None]

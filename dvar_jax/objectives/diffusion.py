@@ -54,20 +54,25 @@ def stratified_times(rng: jax.Array, num_mc: int) -> jax.Array:
     return jnp.mod(u + jnp.arange(num_mc) / num_mc, 1.0)
 
 
-def diffusion_validation_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
-                              num_mc: int) -> jax.Array:
-    """Per-sequence ELBO estimate: [batch, seq + 1] -> [batch] summed weighted CE, averaged over
-    num_mc mask draws at stratified t (each sequence gets its own stratified set)."""
+def diffusion_validation_draws(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
+                               num_mc: int) -> jax.Array:
+    """Per-sequence ELBO terms of num_mc mask draws: [batch, seq + 1] -> [batch, num_mc] summed
+    weighted CE, draw k at the sequence's k-th stratified t (each sequence its own set)."""
     clean = tokens[:, :-1]
     batch = clean.shape[0]
     t_rng, mask_rng = jax.random.split(rng)
     t = jax.vmap(stratified_times, in_axes=(0, None))(jax.random.split(t_rng, batch), num_mc)
 
-    def one_draw(carry, k):
-        t_k = t[:, k]
+    def one_draw(_, k):
         losses, _ = masked_diffusion_sequence_losses(
-            model, clean, t_k, jax.random.fold_in(mask_rng, k), mask_id)
-        return carry + losses, None
+            model, clean, t[:, k], jax.random.fold_in(mask_rng, k), mask_id)
+        return None, losses
 
-    total, _ = jax.lax.scan(one_draw, jnp.zeros((batch,), jnp.float32), jnp.arange(num_mc))
-    return total / num_mc
+    _, draws = jax.lax.scan(one_draw, None, jnp.arange(num_mc))  # [num_mc, batch]
+    return draws.T
+
+
+def diffusion_validation_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
+                              num_mc: int) -> jax.Array:
+    """Per-sequence ELBO estimate: [batch, seq + 1] -> [batch], the mean of num_mc draws."""
+    return diffusion_validation_draws(model, tokens, rng, mask_id, num_mc).mean(axis=-1)

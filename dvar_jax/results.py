@@ -1,0 +1,71 @@
+"""Results files: one JSON record a line, appended by any number of processes at once.
+
+Evaluations (`<workdir>/eval.jsonl`) and sweeps append records here. A writer takes an exclusive
+`flock` on the file, writes one complete line with a single `write`, and fsyncs before letting
+go, so concurrent writers interleave whole records and a reader never sees half of one (a kill
+mid-write can only leave a final line without its newline, which `read_records` reports).
+"""
+
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: numpy/jax scalars as Python numbers, non-finite floats as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """Appends `record` as one line to the JSONL file at `path` (created with its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(_plain(record), sort_keys=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # A previous writer killed mid-line left no newline: start on a fresh line, so that
+        # only its record is damaged and not this one too.
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Every record of a JSONL results file, in order. A line that is not a JSON object is a
+    ValueError naming the file and the line number (the file is left as it is)."""
+    path = Path(path)
+    records = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON ({e}); a results file holds one "
+                    "JSON object per line. Fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {number} is {type(record).__name__}, not a JSON "
+                                 "object; a results file holds one JSON object per line")
+            records.append(record)
+    return records
