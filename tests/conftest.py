@@ -74,3 +74,27 @@ def text_data_cfg(text_corpus_dir, tmp_path_factory):
     cfg.data.vocab_size = 400
     cfg.data.cache_dir = str(tmp_path_factory.mktemp("text_cache"))
     return cfg.data
+
+
+@pytest.fixture(scope="session")
+def trained_runs(text_data_cfg, tmp_path_factory) -> dict:
+    """`{"ar": workdir, "diffusion": workdir}`: a tiny model of each objective trained for 2
+    epochs on 4k tokens of the synthetic corpus (cpu-xs, seq 32), with checkpoints at epochs 1
+    and 2, for the evaluation and sampling tests."""
+    from dvar_jax.train import train
+
+    runs = {}
+    for objective in ("ar", "diffusion"):
+        cfg = get_config()
+        cfg.objective = objective
+        cfg.data = text_data_cfg.copy_and_resolve_references()  # the session's copy stays as is
+        cfg.model.name = "cpu-xs"
+        cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
+        cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 4_000, 2, 32
+        cfg.data.validation_tokens = 1_000
+        cfg.train.batch_size, cfg.train.peak_lr = 8, 3e-3
+        cfg.eval.every_epochs, cfg.eval.num_mc = 1.0, 4
+        workdir = tmp_path_factory.mktemp(f"trained_{objective}")
+        train(cfg, workdir, progress=False)
+        runs[objective] = workdir
+    return runs
