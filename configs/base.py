@@ -52,7 +52,7 @@ def get_config() -> ConfigDict:
     # U: the first U tokens of the train stream are all the model ever sees.
     c.data.unique_tokens = 1_000_000
     # E: passes over those U tokens (the learning-rate schedule stretches with E).
-    c.data.epochs = 4
+    c.data.epochs = 4.0
     c.data.seq_len = 128
     # Validation tokens used (the first ones of the fixed validation stream); 0 = all.
     c.data.validation_tokens = 0

@@ -18,7 +18,7 @@ def get_config() -> ConfigDict:
     c.model.attention_dropout = 0.0
     c.model.hidden_dropout = 0.0
     c.data.unique_tokens = 50_000
-    c.data.epochs = 24
+    c.data.epochs = 24.0
     c.data.seq_len = 128
     c.data.validation_tokens = 16_384
     c.train.batch_size = 32

@@ -4,7 +4,9 @@ metrics not yet logged. RNG and data position need no saving: both are pure func
 
 Saves are asynchronous, kept as the latest `checkpoint.keep` plus the best by validation loss.
 A checkpoint that cannot be read (partial, truncated, an item missing) is skipped with a
-warning and the one before it is used.
+warning, set aside, and the one before it is used. A readable checkpoint of another model (its
+saved shapes differ from the requested ones) is an error instead and is left untouched: it is
+somebody's finished work, not damage.
 """
 
 import logging
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,42 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _key_name(key) -> str:
+    """One step of a pytree path as text: dict keys, attribute names and indices alike, so the
+    train state and orbax's saved metadata (plain dicts and lists) name a leaf the same way."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def array_signatures(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`path -> (shape, dtype)` of every array leaf (jax arrays, ShapeDtypeStructs, orbax
+    ArrayMetadata); paths like "params/blocks/0/qkv/kernel", in flattening order."""
+    return {name: (tuple(leaf.shape), str(leaf.dtype)) for name, leaf in named_leaves(tree)
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype")}
+
+
+def first_mismatch(saved: dict, requested: dict) -> str | None:
+    """How the first differing array of two `array_signatures` differs, or None if none does.
+
+    Requested paths come first (in the state's order: step, params, optimizer), so a model of
+    another size is reported by a parameter rather than by an optimizer moment."""
+    def describe(sig):
+        return f"{sig[1]}{list(sig[0])}"
+
+    for path, want in requested.items():
+        have = saved.get(path)
+        if have is None:
+            return f"{path} is not in the checkpoint (this config's model has {describe(want)})"
+        if have != want:
+            return f"{path} is {describe(have)} in the checkpoint but {describe(want)} here"
+    for path, have in saved.items():
+        if path not in requested:
+            return f"{path} ({describe(have)}) is in the checkpoint but not in this model"
+    return None
+
+
 class Checkpoints:
     """The checkpoints of one workdir (`<workdir>/checkpoints/<step>/`)."""
 
@@ -56,8 +96,11 @@ class Checkpoints:
             checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
                                       keep_checkpoints_without_metrics=False),
         ])
+        # Handlers named up front, so the saved shapes can be read before anything is restored.
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"),
+            self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policy, enable_async_checkpointing=async_save,
                 create=True, cleanup_tmp_directories=True))
@@ -77,28 +120,72 @@ class Checkpoints:
 
     def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest readable checkpoint, placed as `abstract_state`
-        says (shapes, dtypes, shardings: any mesh); None when there is none."""
+        says (shapes, dtypes, shardings: any mesh, any device count); None when there is none.
+
+        A damaged checkpoint is set aside and the one before it tried; a readable one whose
+        arrays differ from `abstract_state` raises CheckpointError and stays as it is.
+        """
+        requested = array_signatures(abstract_state)
         for step in reversed(self.steps()):
+            try:
+                saved = self._manager.item_metadata(step)["state"]
+                if saved is None:
+                    raise ValueError("the state item has no metadata")
+                saved = array_signatures(saved.tree if hasattr(saved, "tree") else saved)
+            except Exception as e:  # any damage means: use the one before
+                self._set_aside(step, e)
+                continue
+            mismatch = first_mismatch(saved, requested)
+            if mismatch is not None:
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} holds another model: {mismatch}; "
+                    f"it was left untouched. Train this config in another workdir, or continue "
+                    f"the saved run with its own config ({self.directory.parent}/config.json)")
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 return step, restored.state, restored.meta
             except Exception as e:  # any damage means: use the one before
-                damaged = self.directory / str(step)
-                # Kept, not deleted, under a name the manager ignores: the run will write this
-                # step again, and the user may still want to look at what was there.
-                aside = damaged.with_name(f"{step}.unreadable-{int(time.time())}")
-                damaged.rename(aside)
-                self._manager.reload()
-                log.warning("checkpoint %s is unreadable (%s: %s); moved to %s",
-                            damaged, type(e).__name__, str(e)[:300], aside)
-                print(f"warning: skipping unreadable checkpoint {damaged} "
-                      f"({type(e).__name__}); moved it to {aside.name}", flush=True)
+                self._set_aside(step, e)
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        damaged = self.directory / str(step)
+        # Kept, not deleted, under a name the manager ignores: the run will write this step
+        # again, and the user may still want to look at what was there.
+        aside = damaged.with_name(f"{step}.unreadable-{int(time.time())}")
+        damaged.rename(aside)
+        self._manager.reload()
+        log.warning("checkpoint %s is unreadable (%s: %s); moved to %s",
+                    damaged, type(error).__name__, str(error)[:300], aside)
+        print(f"warning: skipping unreadable checkpoint {damaged} "
+              f"({type(error).__name__}); moved it to {aside.name}", flush=True)
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def read_saved_arrays(state_dir: Path) -> dict[str, np.ndarray]:
+    """`path -> array` of a saved state item (`<workdir>/checkpoints/<step>/state`) as host
+    numpy arrays, named as `array_signatures` names them: readable whatever mesh or device
+    count saved it (for checks and tools; a run restores with `restore_latest`)."""
+    directory = epath.Path(Path(state_dir).absolute())
+    tree = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(directory,
+                                        args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return {path: np.asarray(leaf) for path, leaf in named_leaves(restored)}
+
+
+def named_leaves(tree) -> list[tuple[str, Any]]:
+    """(path, leaf) of every leaf, paths as `array_signatures` names them."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(_key_name(k) for k in path)
+        out.append((name.removesuffix("/value"), leaf))  # nnx.Variable's payload: no name
+    return out
 
 
 def abstract_like(state) -> Any:

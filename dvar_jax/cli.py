@@ -7,6 +7,7 @@ value is a clear error (exit status 2) before anything runs.
 
 import dataclasses
 import os
+import re
 import sys
 
 # TensorFlow (imported by seqio and tfds) prints CUDA and oneDNN start-up notices that say
@@ -60,18 +61,55 @@ def _parse(argv: list[str], sub: Subcommand) -> flags.FlagValues:
         fv(argv)
         fv.config.keys()  # a config file that failed to load only says so when first touched
     except flags.Error as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_flag_error_message(str(e), argv, sub)) from e
     except (AttributeError, KeyError) as e:  # config_flags' way of saying "no such config key"
         key = str(e).strip("'\"")
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
         raise UsageError(f"unknown config key {bad[0] if bad else key!r} (no field {key!r}); "
                          "every key is listed by --help and in configs/base.py") from e
-    except OSError as e:  # the config file could not be loaded
-        raise UsageError(str(e).replace("config_config", "--config")) from e
+    except OSError as e:  # the config file could not be loaded; absl says so over lines
+        given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                     f"configs/{sub.default_config}")
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise UsageError(f"--config={given!r} could not be loaded ({reason}); allowed: a "
+                         "Python file defining get_config(), e.g. configs/base.py") from e
     for name, default, text in sub.string_flags:
         if default is None and not fv[name].value:
             raise UsageError(f"--{name} is required ({text})")
     return fv
+
+
+def _default_field(argv: list[str], sub: Subcommand, key: str) -> tuple[type, object]:
+    """(type, default value) of config `key` (dotted) in the config file argv names."""
+    bare = [argv[0], *(a for a in argv[1:] if a.startswith("--config="))]
+    fv = _flag_values(bare, sub)
+    fv(bare)
+    *parents, leaf = key.split(".")
+    node = fv.config
+    for part in parents:
+        node = node[part]
+    # A placeholder (default None) still knows its type through its field reference.
+    return node.get_ref(leaf).get_type(), node[leaf]
+
+
+def _flag_error_message(message: str, argv: list[str], sub: Subcommand) -> str:
+    """absl's message, with what is allowed: the flags listing for an unknown flag, the
+    expected type and default for a config value that does not parse."""
+    name = argv[0].split()[-1]
+    if message.startswith("Unknown command line flag"):
+        return f"{message}; `dvar {name} --help` lists the flags {name} accepts"
+    bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", message, re.DOTALL)
+    if bad_value:
+        key, value, reason = bad_value.groups()
+        try:
+            kind, default = _default_field(argv, sub, key)
+        except Exception:  # the message is still worth showing without the default
+            return message
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        return (f"--config.{key}={value!r} is not {article} {kind.__name__} "
+                f"({' '.join(reason.split())}); allowed: {article} {kind.__name__} "
+                f"(default: {default!r})")
+    return message
 
 
 def _config_lines(cfg: ConfigDict, prefix: str = "") -> list[str]:

@@ -39,17 +39,50 @@ def _plain(value):
     return value
 
 
+KINDS = ("train", "eval")
+
+
+def _record(line: bytes) -> dict:
+    """One metrics line as a record; ValueError saying what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"byte {e.start} is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    if record.get("kind") not in KINDS:
+        raise ValueError(f"kind={record.get('kind')!r}, allowed {', '.join(KINDS)}")
+    if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+        raise ValueError(f"step={record.get('step')!r}, expected an integer")
+    return record
+
+
 def _parse(path: Path) -> list[dict]:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    """Every record of a metrics file; ValueError naming the file and line of a bad one.
+
+    One exception: a last line without its newline that does not parse is a record cut short
+    by a kill mid-write (each record is written whole, newline last). It is dropped, as its
+    step will be trained and logged again; a bad line anywhere else, or a bad last line that
+    was written whole, is damage the user must look at, and nothing is changed.
+    """
+    lines = path.read_bytes().splitlines(keepends=True)
     records = []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):  # a line cut short by a kill: the step will be redone
+            records.append(_record(line))
+        except ValueError as e:
+            if number == len(lines) and not line.endswith(b"\n"):
                 break
-            raise ValueError(f"{path} line {number} is not a JSON record ({e.msg}): "
-                             f"{line[:80]!r}") from e
+            shown = line.decode("utf-8", errors="replace").rstrip("\n")[:80]
+            raise ValueError(
+                f"{path} line {number} is not a metrics record ({e}): {shown!r}; allowed: one "
+                f"JSON object per line with kind ({', '.join(KINDS)}) and an integer step. "
+                "The file was not changed: repair or delete that line, then run again"
+            ) from None
     return records
 
 

@@ -8,8 +8,10 @@ I/O (metrics, progress, TensorBoard) stays in `train`, the loop at the edge.
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from configs.base import get_config
 from dvar_jax.checkpoint import (
     CheckpointError,
     Checkpoints,
@@ -233,22 +236,55 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None,
         if size % batch_shards:
             raise ValueError(f"{key}={size} must divide by the {batch_shards} batch shards of "
                              f"the mesh {dict(mesh.shape)}")
+    # Every check of the workdir comes before any work and writes nothing: a refused run
+    # leaves the folder as it found it (config.json is written once the checkpoint restored).
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir={str(workdir)!r} is a file, not a folder")
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir)
     saved_config = workdir / "config.json"
     if saved_config.exists():
-        differences = run_defining_differences(flatten(json.loads(saved_config.read_text())),
-                                               flatten(json.loads(cfg.to_json())))
+        # Keys added to the code since the run was saved count as their defaults.
+        defaults = flatten(json.loads(get_config().to_json()))
+        saved = defaults | flatten(json.loads(saved_config.read_text()))
+        differences = run_defining_differences(saved, flatten(json.loads(cfg.to_json())))
         if differences and not override:
             raise CheckpointError(
                 f"--workdir={str(workdir)!r} holds a run with a different config: "
                 f"{', '.join(differences)} differ (pass --override to continue it anyway, or "
                 "use another workdir)")
-    write_atomically(saved_config, cfg.to_json(indent=2))
+    if (workdir / "metrics.jsonl").exists():
+        read_metrics(workdir)  # a damaged log is an error naming its line, and stays as it is
     with activation_sharding(mesh, rules), _sigterm_flag() as preempted:
         return _train_loop(cfg, workdir, mesh, rules, progress, preempted)
+
+
+def _probe_write(folder: Path) -> None:
+    """Creates and removes a file in `folder`: the only sure test that this process may write
+    there (permission bits, ACLs, read-only mounts, root)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".dvar-write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_workdir(workdir: Path) -> None:
+    """ValueError unless `workdir` is a folder this process can write, or can be created in one
+    (the nearest existing parent). Creates nothing."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir={str(workdir)!r} is a file, not a folder; give a folder "
+                         "(an existing run to resume, or a new one)")
+    existing = workdir
+    while not existing.exists():  # created later, once the data has loaded
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--workdir={str(workdir)!r} cannot be created: {existing} is a file")
+    folders = [existing] + [f for f in (workdir / "checkpoints",) if f.is_dir()]
+    for folder in folders:
+        try:
+            _probe_write(folder)
+        except OSError as e:
+            raise ValueError(
+                f"--workdir={str(workdir)!r} is not writable ({folder}: "
+                f"{e.strerror or type(e).__name__}); nothing was changed. Make it writable, or "
+                "give a folder you can write to") from None
 
 
 @contextlib.contextmanager
@@ -306,6 +342,9 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
         pending = [(s, m) for s, m in meta["pending"]]
         print(f"{cfg.objective}: resuming {workdir} from the checkpoint at step {start_step}",
               flush=True)
+    # Only now, with the data loaded and the checkpoint (if any) restored: a run refused
+    # earlier must not replace the config of the run the workdir holds.
+    write_atomically(workdir / "config.json", cfg.to_json(indent=2))
     keep_metrics_through(workdir, start_step if restored is not None else -1)
     writer = MetricsWriter(workdir)
     kept = read_metrics(workdir) if writer.path.exists() else []

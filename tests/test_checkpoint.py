@@ -1,5 +1,6 @@
-"""Checkpoints: bitwise resume after SIGKILL, SIGTERM preemption, damaged checkpoints, a changed
-config, and non-finite losses."""
+"""Checkpoints: bitwise resume after SIGKILL, SIGTERM preemption, damaged checkpoints, a
+checkpoint of another model, restoring onto another device count, a changed config, and
+non-finite losses."""
 
 import contextlib
 import hashlib
@@ -11,12 +12,82 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dvar_jax.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    abstract_like,
+    named_leaves,
+    read_saved_arrays,
+)
+
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "train_worker.py"
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under root: "nothing changed" made checkable."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _small_state(rows: int) -> dict:
+    return {"step": jnp.int32(3), "params": {"w": jnp.arange(rows * 3.0).reshape(rows, 3),
+                                             "b": jnp.ones((3,))}}
+
+
+def _save(workdir, state, *steps):
+    checkpoints = Checkpoints(workdir, keep=3)
+    for step in steps:
+        checkpoints.save(step, state, {"step": step, "pending": []})
+    checkpoints.close()
+
+
+def test_a_checkpoint_of_another_model_is_an_error_and_stays_untouched(tmp_path):
+    _save(tmp_path, _small_state(4), 5)
+    before = _tree_digest(tmp_path)
+    bigger = abstract_like(_small_state(6))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoints(tmp_path, keep=3).restore_latest(bigger)
+    message = str(err.value)
+    assert "params/w is float32[4, 3] in the checkpoint but float32[6, 3] here" in message
+    assert f"{tmp_path / 'checkpoints' / '5'}" in message and "another workdir" in message
+    assert "\n" not in message
+    extra = abstract_like({**_small_state(4), "params": {**_small_state(4)["params"],
+                                                         "g": jnp.ones((2,))}})
+    with pytest.raises(CheckpointError, match=r"params/g is not in the checkpoint"):
+        Checkpoints(tmp_path, keep=3).restore_latest(extra)
+    assert _tree_digest(tmp_path) == before  # not set aside, not rewritten
+    step, state, meta = Checkpoints(tmp_path, keep=3).restore_latest(
+        abstract_like(_small_state(4)))
+    assert step == 5 and meta["step"] == 5
+    np.testing.assert_array_equal(state["params"]["w"], _small_state(4)["params"]["w"])
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, capsys):
+    _save(tmp_path, _small_state(4), 1, 2)
+    latest = tmp_path / "checkpoints" / "2"
+    biggest = max((p for p in (latest / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
+    step, _state, _meta = Checkpoints(tmp_path, keep=3).restore_latest(
+        abstract_like(_small_state(4)))
+    assert step == 1
+    assert f"skipping unreadable checkpoint {latest}" in capsys.readouterr().out
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints").iterdir()
+            if "unreadable" in p.name] == ["2.unreadable"]
+
+
+def test_read_saved_arrays_gives_the_saved_values_by_path(tmp_path):
+    _save(tmp_path, _small_state(4), 7)
+    arrays = read_saved_arrays(tmp_path / "checkpoints" / "7" / "state")
+    assert set(arrays) == {"step", "params/w", "params/b"}
+    np.testing.assert_array_equal(arrays["params/w"], np.arange(12.0).reshape(4, 3))
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +231,14 @@ def test_a_changed_config_is_refused_listing_the_keys_unless_overridden(referenc
     assert (reference / "metrics.jsonl").read_text() == before  # nothing written or lost
     rc, _out, err = _run(reference, corpus, env, "--config.eval.num_mc=2")  # not run-defining
     assert rc == 0, err[-3000:]
+    # A run saved before a config key existed: the key counts as its default, not a change.
+    saved = json.loads((reference / "config.json").read_text())
+    del saved["model"]["loss_block_v"]
+    (reference / "config.json").write_text(json.dumps(saved))
+    rc, _out, err = _run(reference, corpus, env)
+    assert rc == 0, err[-3000:]
+    rc, _out, err = _run(reference, corpus, env, "--config.model.loss_block_v=64")
+    assert rc == 2 and "model.loss_block_v differ" in err
 
 
 @pytest.mark.slow
@@ -182,3 +261,63 @@ def test_non_finite_steps_can_be_skipped_and_counted(corpus, env, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     skipped = sum(r.get("skipped", 0) for r in _records(tmp_path) if r["kind"] == "train")
     assert summary["skipped_steps"] == skipped > 0
+
+
+def _restore_here(workdir, argv) -> tuple[int, dict, list]:
+    """Restores the newest checkpoint of `workdir` exactly as `dvar train` would in this
+    process (its devices, the config's mesh): (step, path -> restored array, their devices)."""
+    from dvar_jax.cli import SUBCOMMANDS, _parse
+    from dvar_jax.config import transformer_config
+    from dvar_jax.sharding import make_mesh, rules_from_config
+    from dvar_jax.train import make_optimizer, plan_train_state
+
+    cfg = _parse(["dvar train", *argv], SUBCOMMANDS["train"]).config
+    model_cfg = transformer_config(cfg, cfg.data.vocab_size)
+    _, init, placement = plan_train_state(model_cfg, make_optimizer(cfg.train, 100), cfg.seed,
+                                          make_mesh(cfg.mesh), rules_from_config(cfg.mesh.rules))
+    abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                     sharding=sharding),
+                            jax.eval_shape(init), placement.state)
+    checkpoints = Checkpoints(workdir, keep=cfg.checkpoint.keep)
+    try:
+        step, state, _meta = checkpoints.restore_latest(abstract)
+    finally:
+        checkpoints.close()
+    leaves = dict(named_leaves(state))
+    devices = sorted({d.id for leaf in leaves.values() for d in leaf.sharding.device_set})
+    return step, {k: np.asarray(v) for k, v in leaves.items()}, devices
+
+
+@pytest.mark.slow
+def test_a_run_saved_on_4_devices_resumes_on_1(corpus, env, tmp_path):
+    """Trained on a (data=2, fsdp=2) mesh of 4 simulated devices, stopped by SIGTERM, then
+    restored in a 1-device process: every array equals the saved one exactly, and the run
+    finishes there."""
+    from train_worker import TINY
+
+    if jax.device_count() == 4:
+        pytest.skip("this process has 4 devices itself; the test needs another count")
+    four = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = _start(tmp_path, corpus, four, "--config.mesh.data=2", "--config.mesh.fsdp=2")
+    out, err = _kill_after(proc, tmp_path, 8, signal.SIGTERM)
+    assert proc.returncode == 0 and "SIGTERM received" in out, err[-3000:]
+    saved_step = int(out.split("checkpoint at step ")[1].split()[0])
+    saved = read_saved_arrays(tmp_path / "checkpoints" / str(saved_step) / "state")
+    shardings = json.loads((tmp_path / "checkpoints" / str(saved_step) / "state" /
+                            "_sharding").read_text()).values()
+    specs = [json.dumps(json.loads(s)["partition_spec"]) for s in shardings]
+    assert any("fsdp" in spec for spec in specs)  # really saved sharded over the 4 devices
+
+    argv = [f"--workdir={tmp_path}", f"--config.data.path={corpus}", *TINY]
+    step, restored, devices = _restore_here(tmp_path, argv)
+    assert step == saved_step and len(devices) == jax.device_count() != 4
+    assert set(restored) == set(saved)
+    for path, array in saved.items():
+        np.testing.assert_array_equal(restored[path], array, err_msg=path, strict=True)
+
+    rc, out, err = _run(tmp_path, corpus, env)  # 1 device, the default mesh
+    assert rc == 0, err[-3000:]
+    assert f"from the checkpoint at step {saved_step}" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    train_steps = [r["step"] for r in _records(tmp_path) if r["kind"] == "train"]
+    assert train_steps == list(range(1, summary["steps"] + 1))  # each step logged once

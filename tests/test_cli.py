@@ -27,10 +27,12 @@ BAD = [
     (["frobnicate"], "unknown subcommand 'frobnicate'"),
     (["train", "--config.objective=diffusion"], "--workdir is required"),
     (["train", "--workdir=W", "--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["demo", "--bogus"], "`dvar demo --help` lists the flags demo accepts"),
     (["train", "--workdir=W", "--config.nosuchkey=1"], "unknown config key '--config.nosuchkey'"),
     (["train", "--workdir=W", "--config.model.nosuch=1"],
      "unknown config key '--config.model.nosuch'"),
-    (["train", "--workdir=W", "--config.data.epochs=many"], "--config.data.epochs=many"),
+    (["train", "--workdir=W", "--config.data.epochs=many"],
+     "--config.data.epochs='many' is not an int"),
     (["train", "--workdir=W", "--config.objective=gan"], "objective='gan': allowed ar, diffusion"),
     (["train", "--workdir=W", "--config.model.name=999M"], "model.name='999M' is not a known"),
     (["train", "--workdir=W", "--config.model.d_model=64"], "set model.name=custom"),
@@ -49,7 +51,7 @@ def test_wrong_arguments_fail_fast_with_a_message_naming_them(argv, message, cap
     assert main(["dvar", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was created
 
 
 def test_unique_tokens_beyond_the_corpus_names_both_numbers(text_data_cfg, tmp_path, capsys):

@@ -86,9 +86,34 @@ def test_custom_without_dims_names_each_missing_dim():
         validate_config(cfg)
     message = str(err.value)
     assert "model.name='custom'" in message
-    for key in ("model.n_layers", "model.n_heads", "model.head_dim"):
+    for key in ("model.n_layers", "model.n_heads"):
         assert key in message
     assert "model.d_model" not in message
+    assert "model.head_dim" not in message  # optional: d_model // n_heads
+
+
+def test_custom_head_dim_defaults_to_d_model_over_n_heads():
+    cfg = base.get_config()
+    cfg.model.name = "custom"
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 96, 2, 3
+    validate_config(cfg)
+    assert model_dims(cfg.model) == {"d_model": 96, "n_layers": 2, "n_heads": 3, "head_dim": 32}
+    # Given explicitly, head_dim is kept even where n_heads * head_dim != d_model (as 20M).
+    cfg.model.n_heads, cfg.model.head_dim = 7, 32
+    validate_config(cfg)
+    assert model_dims(cfg.model)["head_dim"] == 32
+
+
+def test_custom_heads_must_divide_d_model_without_head_dim():
+    cfg = base.get_config()
+    cfg.model.name = "custom"
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 64, 2, 3
+    with pytest.raises(ValueError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.count("\n") == 0  # one problem, one line
+    assert "model.n_heads=3 does not divide model.d_model=64" in message
+    assert "allowed n_heads dividing d_model (e.g. 2, 4), or give model.head_dim" in message
 
 
 @pytest.mark.parametrize(("key", "value"), [("model.head_dim", 15), ("model.d_model", 0),

@@ -116,6 +116,33 @@ def test_bad_paths_give_clear_errors(tmp_path):
         corpus_lib.read_text_corpus(str(tmp_path))
 
 
+def test_non_utf8_file_names_the_file_byte_offset_and_line(tmp_path):
+    (tmp_path / "good.txt").write_text("fine\n")
+    (tmp_path / "bad.txt").write_bytes("ok\ncafé\n".encode() + b"na\xefve\n")
+    with pytest.raises(ValueError) as err:
+        corpus_lib.read_text_corpus(str(tmp_path))
+    message = str(err.value)
+    assert f"{tmp_path / 'bad.txt'} is not UTF-8 text: byte 0xef at offset 11 (line 3)" in message
+    assert "data.path may only hold UTF-8 text files" in message and "\n" not in message
+
+
+def test_empty_documents_are_skipped_with_one_warning_naming_them(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("text")
+    for name in ("e1.txt", "e2.txt"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    docs = corpus_lib.read_text_corpus(str(tmp_path))
+    assert docs == [Document("a.txt", "text")]
+    err = capsys.readouterr().err
+    assert err == (f"warning: data.path={str(tmp_path)!r}: skipping 3 empty documents: "
+                   "d.jsonl:1, e1.txt, e2.txt\n")
+    for i in range(3, 9):
+        (tmp_path / f"e{i}.txt").write_text("")
+    corpus_lib.read_text_corpus(str(tmp_path))
+    assert "skipping 9 empty documents: d.jsonl:1, e1.txt, e2.txt, e3.txt, e4.txt and 4 more" \
+        in capsys.readouterr().err
+
+
 def test_hash_split_is_stable_and_independent_of_order():
     docs = [Document(f"doc{i}.txt", f"text {i}") for i in range(1000)]
     corpus = corpus_lib.split_by_hash(docs, 0.1)

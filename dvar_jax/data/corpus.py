@@ -209,10 +209,30 @@ def _corpus_files(root: Path) -> list[Path]:
 
 
 def _read_utf8(path: Path) -> str:
+    """The file's text; a ValueError naming the file, the first bad byte and its offset and
+    line if it is not UTF-8 (the only encoding a corpus may use)."""
+    data = path.read_bytes()
     try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line "
+            f"{line}): {e.reason}; data.path may only hold UTF-8 text files (convert it, e.g. "
+            f"with iconv, or move it out)"
+        ) from None
+
+
+# How many empty documents a warning names before it only counts the rest.
+_NAMED_EMPTY = 5
+
+
+def _warn_empty(path: str, empty: list[str]) -> None:
+    """One line on stderr naming the empty documents skipped (they hold no tokens)."""
+    names = ", ".join(empty[:_NAMED_EMPTY])
+    more = f" and {len(empty) - _NAMED_EMPTY} more" if len(empty) > _NAMED_EMPTY else ""
+    print(f"warning: data.path={path!r}: skipping {len(empty)} empty document"
+          f"{'s' * (len(empty) != 1)}: {names}{more}", file=sys.stderr, flush=True)
 
 
 def _jsonl_documents(path: Path, name: str, text_field: str) -> Iterator[Document]:
@@ -255,9 +275,12 @@ def read_text_corpus(path: str, text_field: str = "text") -> list[Document]:
             docs.append(Document(name, _read_utf8(file)))
         else:
             docs.extend(_jsonl_documents(file, name, text_field))
+    empty = [d.name for d in docs if not d.text]
     docs = [d for d in docs if d.text]
     if not docs:
         raise ValueError(f"data.path={path!r}: the corpus is empty (every document is empty)")
+    if empty:
+        _warn_empty(path, empty)
     return docs
 
 

@@ -143,15 +143,21 @@ class TrainBatches:
     ):
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be at least 1")
+        if seq_len + 1 > len(tokens):
+            raise ValueError(
+                f"data.seq_len={seq_len} needs windows of {seq_len + 1} tokens, but the train "
+                f"stream has only {len(tokens)}; allowed: data.seq_len <= {len(tokens) - 1} "
+                "(or use a larger corpus)"
+            )
         if unique_tokens > len(tokens):
             raise ValueError(
                 f"data.unique_tokens={unique_tokens} exceeds the train stream's {len(tokens)} "
-                "tokens; lower it or use a larger corpus"
+                f"tokens; allowed: at most {len(tokens)} (or use a larger corpus)"
             )
         if unique_tokens < seq_len + 1:
             raise ValueError(
                 f"data.unique_tokens={unique_tokens} is less than one window of "
-                f"data.seq_len + 1 = {seq_len + 1} tokens"
+                f"data.seq_len + 1 = {seq_len + 1} tokens; allowed: at least {seq_len + 1}"
             )
         if not epochs > 0:
             raise ValueError(f"data.epochs={epochs} must be positive")

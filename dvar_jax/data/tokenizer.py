@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,18 @@ def train_sentencepiece(docs: Sequence[Document], vocab_size: int, tokenizer_typ
         )
     except RuntimeError as e:
         chars = sum(len(d.text) for d in docs)
+        # SentencePiece says how far it can go ("... a value <= 732."): pass that on plainly.
+        reachable = re.search(r"Vocabulary size too high .*<= (\d+)", str(e))
+        if reachable:
+            raise ValueError(
+                f"data.vocab_size={vocab_size} on {len(docs)} train documents ({chars} "
+                f"characters) is more than a {tokenizer_type} tokenizer can reach: allowed at "
+                f"most {reachable.group(1)}; lower data.vocab_size or add text"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {tokenizer_type} tokenizer with "
             f"data.vocab_size={vocab_size} on {len(docs)} train documents ({chars} characters):"
-            f" {e}"
+            f" {' '.join(str(e).split())}"
         ) from e
     return out.getvalue()
 
@@ -186,6 +195,21 @@ class Tokenizer:
         (a padded embedding table) decode as unknown.
         """
         return self._vocab.decode([int(i) for i in ids])
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes that each id stands for, for bits per byte: control ids (pad, eos, bos)
+        and unknown 0, byte-fallback ids 1, other pieces their text with "\u2581" read as a
+        space."""
+        sp = self._vocab.tokenizer
+        lengths = []
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i):
+                lengths.append(0)
+            elif sp.is_byte(i):
+                lengths.append(1)
+            else:
+                lengths.append(len(sp.id_to_piece(i).replace("\u2581", " ").encode()))
+        return lengths
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
