@@ -29,24 +29,29 @@ class UsageError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
     summary: str
-    default_config: str
+    # The config file a run starts from; None for commands that read a trained run's own.
+    default_config: str | None
     run: Callable[[flags.FlagValues], int]
-    # (name, default, help) of the subcommand's own string flags; a None default = required.
-    string_flags: tuple[tuple[str, str | None, str], ...] = ()
+    # (name, default, help) of the subcommand's own flags, typed by the default (str, bool,
+    # int, float); a None default is a required string.
+    options: tuple[tuple[str, str | bool | int | float | None, str], ...] = ()
     progress_flag: bool = True
-    bool_flags: tuple[tuple[str, bool, str], ...] = ()
+
+
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, type(None): flags.DEFINE_string}
 
 
 def _flag_values(argv: list[str], sub: Subcommand) -> flags.FlagValues:
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", default=str(CONFIGS_DIR / sub.default_config), flag_values=fv,
-        lock_config=True, sys_argv=argv,
-        help_string="Config file with get_config(); override fields with --config.KEY=VALUE.")
-    for name, default, text in sub.string_flags:
-        flags.DEFINE_string(name, default, text, flag_values=fv)
-    for name, default, text in sub.bool_flags:
-        flags.DEFINE_boolean(name, default, text, flag_values=fv)
+    if sub.default_config is not None:
+        config_flags.DEFINE_config_file(
+            "config", default=str(CONFIGS_DIR / sub.default_config), flag_values=fv,
+            lock_config=True, sys_argv=argv,
+            help_string="Config file with get_config(); override fields with "
+                        "--config.KEY=VALUE.")
+    for name, default, text in sub.options:
+        _DEFINE[type(default)](name, default, text, flag_values=fv)
     if sub.progress_flag:
         flags.DEFINE_boolean("progress", None,
                              "Progress bar with ETA (default: only on a terminal).",
@@ -59,7 +64,8 @@ def _parse(argv: list[str], sub: Subcommand) -> flags.FlagValues:
     try:
         fv = _flag_values(argv, sub)  # loading the config applies the --config.KEY overrides
         fv(argv)
-        fv.config.keys()  # a config file that failed to load only says so when first touched
+        if sub.default_config is not None:
+            fv.config.keys()  # a config file that failed to load only says so when touched
     except flags.Error as e:
         raise UsageError(_flag_error_message(str(e), argv, sub)) from e
     except (AttributeError, KeyError) as e:  # config_flags' way of saying "no such config key"
@@ -73,7 +79,7 @@ def _parse(argv: list[str], sub: Subcommand) -> flags.FlagValues:
         reason = str(e).strip().splitlines()[-1].strip()
         raise UsageError(f"--config={given!r} could not be loaded ({reason}); allowed: a "
                          "Python file defining get_config(), e.g. configs/base.py") from e
-    for name, default, text in sub.string_flags:
+    for name, default, text in sub.options:
         if default is None and not fv[name].value:
             raise UsageError(f"--{name} is required ({text})")
     return fv
@@ -126,11 +132,14 @@ def _help(name: str, sub: Subcommand) -> str:
     fv = _flag_values([f"dvar {name}"], sub)
     fv([f"dvar {name}"])
     text = [f"usage: dvar {name} [--flags]", "", sub.summary, "", "flags:"]
-    names = (["config"] + [f[0] for f in sub.string_flags] + [f[0] for f in sub.bool_flags]
+    names = (["config"] * (sub.default_config is not None) + [f[0] for f in sub.options]
              + ["progress"] * sub.progress_flag)
     for flag in (fv[n] for n in names):
         default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
+        default = "required" if default is None and flag.name != "progress" else default
         text.append(f"  --{flag.name}: {flag.help} (default: {default})")
+    if sub.default_config is None:
+        return "\n".join(text)
     text += ["", f"config keys and their defaults in configs/{sub.default_config}:"]
     return "\n".join(text + _config_lines(fv.config))
 
@@ -175,14 +184,48 @@ def _run_plan_memory(fv: flags.FlagValues) -> int:
     return 0
 
 
+def _run_eval(fv: flags.FlagValues) -> int:
+    from dvar_jax.eval.evaluate import format_evaluation, parse_tasks, run_evaluation
+
+    record = run_evaluation(
+        fv.workdir, checkpoint=fv.checkpoint, num_mc=fv.num_mc, batch_size=fv.batch_size,
+        seed=fv.seed, validation_tokens=None if fv.validation_tokens < 0 else fv.validation_tokens,
+        tasks=parse_tasks(fv.tasks), tasks_dir=fv.tasks_dir or None, source=fv.source,
+        limit=fv.limit or None, diffusion_method=fv.diffusion_method)
+    print(format_evaluation(record))
+    print(f"appended to {Path(fv.workdir) / 'eval.jsonl'}")
+    return 0
+
+
+def _run_sample(fv: flags.FlagValues) -> int:
+    from dvar_jax.eval.loading import load_run
+    from dvar_jax.eval.sampling import generate
+
+    for name, low in (("num_samples", 1), ("n_new", 1), ("steps", 0), ("tokens_per_step", 0)):
+        if fv[name].value < low:
+            raise UsageError(f"--{name}={fv[name].value}: must be >= {low}")
+    run = load_run(fv.workdir, fv.checkpoint)
+    texts = generate(run.model, run.tokenizer, [fv.prompt] * fv.num_samples,
+                     objective=run.objective.name, n_new=fv.n_new, seed=fv.seed,
+                     seq_len=run.cfg.data.seq_len, temperature=fv.temperature, top_k=fv.top_k,
+                     top_p=fv.top_p, steps=fv.steps or None, method=fv.method,
+                     tokens_per_step=fv.tokens_per_step or None)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({run.objective.name}, step {run.step}, seed {fv.seed})")
+        print(fv.prompt + text)
+    return 0
+
+
+_CHECKPOINT_FLAG = ("checkpoint", "best", "best (lowest validation loss), latest, or a step")
+
 SUBCOMMANDS = {
     "train": Subcommand(
         "Train one model (objective ar or diffusion) as the config says.", "base.py",
         _run_train, (("workdir", None,
                       "run folder for config.json, metrics.jsonl, summary.json, tb/ and "
-                      "checkpoints/; an existing one is resumed"),),
-        bool_flags=(("override", False, "continue a workdir whose saved config differs in "
-                                        "run-defining keys"),)),
+                      "checkpoints/; an existing one is resumed"),
+                     ("override", False, "continue a workdir whose saved config differs in "
+                                         "run-defining keys"))),
     "demo": Subcommand(
         "Train AR and diffusion models of one size on the same small unique-token budget for "
         "many epochs; write report.md and curves.png.", "demo.py", _run_demo,
@@ -194,6 +237,40 @@ SUBCOMMANDS = {
         (("topology", None, "TPU topology name, e.g. v5p:2x2x1, v5e:2x4, v4:2x2x1"),
          ("mesh", "", "DATA,FSDP,TENSOR mesh over the topology's devices (default: "
                       "config.mesh)")), progress_flag=False),
+    "eval": Subcommand(
+        "Evaluate a trained run's checkpoint: validation loss (diffusion: ELBO with num_mc "
+        "draws and its standard error), bits per byte, downstream tasks; appended to "
+        "WORKDIR/eval.jsonl.", None, _run_eval,
+        (("workdir", None, "a trained run's folder"), _CHECKPOINT_FLAG,
+         ("num_mc", 32, "diffusion: mask draws per sequence / per choice (the study: 32)"),
+         ("batch_size", 16, "sequences per model call"),
+         ("seed", 0, "seed of the mask draws (the same seed draws the same masks)"),
+         ("validation_tokens", -1, "validation tokens used: -1 = the run's own setting, "
+                                   "0 = the whole validation stream"),
+         ("tasks", "none", "downstream tasks: none, all, or a comma-separated list of "
+                           "arc_easy, boolq, copa, hellaswag, piqa, race, winogrande, sciq, "
+                           "lambada_standard"),
+         ("tasks_dir", "", "folder of <task>.jsonl files (Hugging Face fields), or TFDS "
+                           "data_dir with --source=tfds"),
+         ("source", "jsonl", "where tasks come from: jsonl or tfds (already prepared only)"),
+         ("limit", 0, "documents per task (0 = all)"),
+         ("diffusion_method", "mc", "diffusion likelihood: mc (the study's estimator) or "
+                                    "chain_rule")), progress_flag=False),
+    "sample": Subcommand(
+        "Generate text from a trained run: AR (temperature, top-k, top-p) or diffusion "
+        "(ancestral over S steps, or confidence-ordered unmasking).", None, _run_sample,
+        (("workdir", None, "a trained run's folder"), _CHECKPOINT_FLAG,
+         ("prompt", "", "text to continue (empty = a document start)"),
+         ("num_samples", 4, "samples generated in one batch"),
+         ("n_new", 64, "tokens to generate (prompt + n_new <= the run's data.seq_len)"),
+         ("seed", 0, "random seed: the same seed gives the same text"),
+         ("temperature", 1.0, "softmax temperature; 0 = greedy"),
+         ("top_k", 0, "AR: sample among the k most likely tokens (0 = all)"),
+         ("top_p", 1.0, "AR: nucleus sampling mass in (0, 1] (1 = all)"),
+         ("method", "ancestral", "diffusion: ancestral or confidence"),
+         ("steps", 0, "diffusion: denoising steps (0 = n_new)"),
+         ("tokens_per_step", 0, "diffusion confidence: tokens committed per step "
+                                "(0 = n_new / steps)")), progress_flag=False),
 }
 
 

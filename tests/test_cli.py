@@ -32,7 +32,7 @@ BAD = [
     (["train", "--workdir=W", "--config.model.nosuch=1"],
      "unknown config key '--config.model.nosuch'"),
     (["train", "--workdir=W", "--config.data.epochs=many"],
-     "--config.data.epochs='many' is not an int"),
+     "--config.data.epochs='many' is not a float"),
     (["train", "--workdir=W", "--config.objective=gan"], "objective='gan': allowed ar, diffusion"),
     (["train", "--workdir=W", "--config.model.name=999M"], "model.name='999M' is not a known"),
     (["train", "--workdir=W", "--config.model.d_model=64"], "set model.name=custom"),

@@ -100,3 +100,82 @@ def test_bad_evaluation_arguments_write_nothing(trained_runs):
         parse_tasks("arc_easy,mmlu")
     assert (results.read_bytes() if results.exists() else b"") == before
     assert parse_tasks("all")[0] == "arc_easy" and parse_tasks("none") == ()
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_dvar_eval_prints_a_table_and_appends_tasks(trained_runs, tmp_path, capsys):
+    from test_downstream import write_tasks
+
+    from dvar_jax.cli import main
+
+    write_tasks(tmp_path)
+    workdir = trained_runs["diffusion"]
+    argv = ["dvar", "eval", f"--workdir={workdir}", "--num_mc=2", "--batch_size=4",
+            "--tasks=copa,lambada_standard", f"--tasks_dir={tmp_path}", "--limit=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "± " in out and "copa" in out and "lambada_standard" in out
+    record = json.loads((workdir / "eval.jsonl").read_text().splitlines()[-1])
+    assert set(record["tasks"]) == {"copa", "lambada_standard"}
+    assert record["tasks"]["copa"]["n"] == 2 and record["num_mc"] == 2
+
+
+def test_dvar_sample_is_seeded_for_both_objectives(trained_runs, capsys):
+    from dvar_jax.cli import main
+
+    outputs = {}
+    for objective, extra in (("ar", ["--top_k=20"]), ("diffusion", ["--method=confidence"])):
+        argv = ["dvar", "sample", f"--workdir={trained_runs[objective]}", "--prompt=Ba ro",
+                "--num_samples=2", "--n_new=8", "--seed=3", *extra]
+        assert main(argv) == 0
+        first = capsys.readouterr().out
+        assert main(argv) == 0
+        assert capsys.readouterr().out == first  # the same seed, the same text
+        assert first.count("--- sample") == 2 and first.count("\nBa ro") == 2
+        outputs[objective] = first
+    assert outputs["ar"] != outputs["diffusion"]
+
+
+BAD_COMMANDS = [
+    (["eval", "--bogus=1"], "`dvar eval --help` lists the flags eval accepts"),
+    (["eval"], "--workdir is required"),
+    (["eval", "--workdir=AR", "--tasks=mmlu"], "'mmlu' is not a task; allowed all, none"),
+    (["eval", "--workdir=AR", "--checkpoint=final"], "--checkpoint='final': allowed best"),
+    (["eval", "--workdir=AR", "--num_mc=0"], "--num_mc=0: must be an integer >= 1"),
+    (["eval", "--workdir=AR", "--num_mc=many"], "--num_mc"),
+    (["eval", "--workdir=NOWHERE"], "holds no trained run"),
+    (["sample", "--bogus"], "`dvar sample --help` lists the flags sample accepts"),
+    (["sample", "--workdir=AR", "--n_new=0"], "--n_new=0: must be >= 1"),
+    (["sample", "--workdir=AR", "--top_p=2"], "top_p"),
+    (["sample", "--workdir=DIFF", "--method=beam"], "beam"),
+    (["sample", "--workdir=AR", "--n_new=100"], "100"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_COMMANDS, ids=[" ".join(a) for a, _ in BAD_COMMANDS])
+def test_bad_eval_and_sample_arguments_are_named(trained_runs, argv, message, tmp_path,
+                                                 capsys):
+    from dvar_jax.cli import main
+
+    places = {"=AR": f"={trained_runs['ar']}", "=DIFF": f"={trained_runs['diffusion']}",
+              "=NOWHERE": f"={tmp_path}"}
+    for short, full in places.items():
+        argv = [a.replace(short, full) if a.endswith(short) else a for a in argv]
+    results = trained_runs["ar"] / "eval.jsonl"
+    before = results.read_bytes() if results.exists() else b""
+    assert main(["dvar", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert (results.read_bytes() if results.exists() else b"") == before
+
+
+@pytest.mark.parametrize("sub", ["eval", "sample"])
+def test_help_lists_every_flag_with_its_default(sub, capsys):
+    from dvar_jax.cli import SUBCOMMANDS, main
+
+    assert main(["dvar", sub, "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, default, _ in SUBCOMMANDS[sub].options:
+        assert f"--{name}: " in out
+        assert f"(default: {'required' if default is None else default})" in out
