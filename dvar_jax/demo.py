@@ -6,10 +6,29 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from dvar_jax.config import model_dims, validate_config
+from dvar_jax.eval.loading import load_run
+from dvar_jax.eval.sampling import generate
 from dvar_jax.report import markdown_table, plot_curves, run_table
 from dvar_jax.train import train
 
 OBJECTIVES = ("ar", "diffusion")
+SAMPLE_PROMPTS = ("", "And")  # a document start, and a common first word of a line
+
+
+def sample_section(runs: dict[str, Path], n_new: int) -> list[str]:
+    """Markdown: two samples of each run's best checkpoint (AR: temperature 1, top-p 0.9;
+    diffusion: the ancestral sampler over n_new steps), seed 0."""
+    lines = ["## Samples", "",
+             f"Seed 0, {n_new} new tokens after each prompt, best checkpoint of each run. AR: "
+             "temperature 1, top-p 0.9. Diffusion: masked ancestral sampler, one step per "
+             "token. Reproduce with `dvar sample --workdir=RUN --prompt=...`.", ""]
+    for name, workdir in runs.items():
+        run = load_run(workdir)
+        texts = generate(run.model, run.tokenizer, list(SAMPLE_PROMPTS), objective=name,
+                         n_new=n_new, seed=0, seq_len=run.cfg.data.seq_len, top_p=0.9)
+        for prompt, text in zip(SAMPLE_PROMPTS, texts, strict=True):
+            lines += [f"**{name}**, prompt {prompt!r}:", "", "```", prompt + text, "```", ""]
+    return lines
 
 
 def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None) -> str:
@@ -47,6 +66,7 @@ def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = No
         "![validation curves](curves.png)", "",
         f"Summary: {line}", "",
         "Runs: " + ", ".join(f"[{k}]({k}/metrics.jsonl)" for k in runs), "",
+        *sample_section(runs, n_new=min(48, cfg.data.seq_len - 4)),
     ]
     (workdir / "report.md").write_text("\n".join(report))
     (workdir / "summary.json").write_text(json.dumps(rows, indent=2))

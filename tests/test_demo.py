@@ -32,6 +32,8 @@ def _check_demo(workdir, out):
         assert json.loads((workdir / name / "config.json").read_text())["objective"] == name
     report = (workdir / "report.md").read_text()
     assert "![validation curves](curves.png)" in report and line in report
+    assert "## Samples" in report
+    assert report.count("**ar**, prompt") == 2 and report.count("**diffusion**, prompt") == 2
     png = (workdir / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
