@@ -3,10 +3,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# libtpu ships for x86-64 Linux only: there the `tpu` extra is installed so the tests can
-# compile for a TPU topology ahead of time (`dvar plan-memory`).
+# `eval` (lm-eval, no torch) so the lm-eval adapter is tested. libtpu ships for x86-64 Linux
+# only: there the `tpu` extra is installed so the tests can compile for a TPU topology ahead
+# of time (`dvar plan-memory`, the Pallas kernels).
 comma := ,
-EXTRAS := dev$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(comma)tpu)
+EXTRAS := dev$(comma)eval$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(comma)tpu)
 
 .PHONY: demo test lint venv clean
 
