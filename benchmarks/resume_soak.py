@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dvar_jax.checkpoint import read_saved_arrays  # noqa: E402 (after the path is set)
+from dvar_jax.data.synthetic import write_synthetic_corpus  # noqa: E402
 
 DEFAULTS = {"kills": 20, "epochs": 8, "every_steps": 6}  # 124 steps
 QUICK = {"kills": 3, "epochs": 3, "every_steps": 4}  # 46 steps
@@ -63,29 +64,6 @@ TIME_KILL_SHARE = 0.25  # kills timed from process start rather than from logged
 # planned to leave this many steps before the end, so that each one lands before it.
 OVERSHOOT_STEPS = 3
 MAX_DELAY_S = 0.05  # after the triggering record: lands mid-step, mid-save or mid-log
-
-_SYLLABLES = ("ba", "ro", "mi", "ten", "sha", "lu", "ver", "do", "ke", "ith", "on", "gar", "pe",
-              "wil", "st", "or", "an", "the", "qu", "el")
-
-
-def write_corpus(folder: Path, n_docs: int = 40, lines: int = 40, seed: int = 5) -> Path:
-    """A folder of `n_docs` play-like .txt documents (about 2 KB each) over 400 made-up words,
-    seeded: enough distinct text for the tiny run's 400-piece tokenizer."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
-             for _ in range(400)]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = []
-        for _ in range(lines):
-            if rng.random() < 0.15:
-                text.append(rng.choice(words).upper() + ".")
-            else:
-                line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
-                text.append(line.capitalize() + rng.choice(",.;!?"))
-        (folder / f"doc{i:02d}.txt").write_text("\n".join(text) + "\n")
-    return folder
-
 
 @dataclasses.dataclass(frozen=True)
 class Kill:
@@ -222,7 +200,7 @@ def logged_losses(workdir: Path) -> dict:
 
 
 def soak(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    corpus = write_corpus(root / "corpus")
+    corpus = write_synthetic_corpus(root / "corpus")
     env = {**os.environ, "DVAR_CACHE": str(root / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     flags = [f"--config.data.path={corpus}", *TINY, f"--config.data.epochs={args.epochs}",
              f"--config.checkpoint.every_steps={args.every_steps}"]

@@ -1,7 +1,6 @@
 """Shared test fixtures."""
 
 import os
-import random
 from pathlib import Path
 
 # With the `tpu` extra installed, every JAX process loads libtpu, which takes a machine-wide
@@ -11,6 +10,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import pytest
 
 from configs.base import get_config
+from dvar_jax.data import synthetic
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,36 +21,10 @@ def _isolated_dvar_cache(tmp_path_factory):
         yield
 
 
-_SYLLABLES = ("ba", "ro", "mi", "ten", "sha", "lu", "ver", "do", "ke", "ith", "on", "gar", "pe",
-              "wil", "st", "or", "an", "the", "qu", "el")
-
-
-def _synthetic_documents(n_docs: int, lines_per_doc: int, seed: int = 0) -> list[str]:
-    """Play-like text: speaker lines, indented verse, blank lines, punctuation."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
-             for _ in range(400)]
-    docs = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(lines_per_doc):
-            kind = rng.random()
-            if kind < 0.1:
-                lines.append("")
-            elif kind < 0.2:
-                lines.append(rng.choice(words).upper() + ".")
-            else:
-                indent = "  " if kind < 0.3 else ""
-                text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
-                lines.append(indent + text.capitalize() + rng.choice((",", ".", ";", "!", "?")))
-        docs.append("\n".join(lines) + "\n")
-    return docs
-
-
 @pytest.fixture(scope="session")
 def synthetic_documents():
     """`f(n_docs, lines_per_doc, seed=0) -> list[str]`: deterministic play-like documents."""
-    return _synthetic_documents
+    return synthetic.synthetic_documents
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +32,7 @@ def text_corpus_dir(tmp_path_factory) -> Path:
     """A folder of 40 small .txt documents (about 2 KB each), some in a subfolder."""
     root = tmp_path_factory.mktemp("text_corpus")
     (root / "more").mkdir()
-    for i, text in enumerate(_synthetic_documents(40, 40)):
+    for i, text in enumerate(synthetic.synthetic_documents(40, 40)):
         folder = root / "more" if i % 4 == 0 else root
         (folder / f"doc{i:02d}.txt").write_text(text)
     return root

@@ -19,6 +19,10 @@ cannot fit is an error.
   context); its standard error is the draws' sample standard deviation / sqrt(num_mc)
   (treating the stratified draws as independent, which overstates it slightly). A draw at
   t = 0 masks nothing and contributes 0, as in the study (its masked sum is empty), never 0/0.
+  With eps = 0 a draw at small t weights its (rare) masked token by 1/t without bound: the
+  estimator's variance is infinite in theory and a single request's standard error is
+  unreliable (benchmarks/eval_variance.py: one draw of -6,307 nats against a typical -35, and
+  the spread falls slower than 1/sqrt(K)). Compare choices at K >= 32, as the study does.
 - Diffusion, `chain_rule` (the study's `--eval_method ar`): for continuation token k, mask
   positions k..end of the continuation (and the padding) and read log p at k; the sum is exact
   for left-to-right order. One model call per continuation token.

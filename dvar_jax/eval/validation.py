@@ -8,6 +8,7 @@ byte, the latter comparable across tokenizers.
 """
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,13 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return np.asarray(tokenizer.token_byte_lengths(), np.int64)
 
 
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("mask_id", "num_mc"))
+def _draws(graphdef, draws_fn, params, tokens, rng, *, mask_id: int, num_mc: int):
+    # Module level, the model structure static and the parameters an argument: one compile per
+    # model shape and setting, reused across calls, seeds and checkpoints.
+    return draws_fn(nnx.merge(graphdef, params), tokens, rng, mask_id, num_mc)
+
+
 def evaluate_validation(run: LoadedRun, *, num_mc: int, batch_size: int, seed: int,
                         validation_tokens: int) -> dict:
     """Validation loss of `run` on its validation stream's first `validation_tokens` tokens
@@ -62,13 +70,9 @@ def evaluate_validation(run: LoadedRun, *, num_mc: int, batch_size: int, seed: i
     seq = run.cfg.data.seq_len
     windows = validation_windows(run.streams.validation, seq, validation_tokens)
     graphdef, params = nnx.split(run.model)
-    draws_fn = run.objective.validation_draws
     num_draws = num_mc if run.objective.name == "diffusion" else 1
-
-    @jax.jit
-    def eval_fn(tokens, rng):
-        return draws_fn(nnx.merge(graphdef, params), tokens, rng, run.mask_id, num_draws)
-
+    eval_fn = partial(_draws, graphdef, run.objective.validation_draws, params,
+                      mask_id=run.mask_id, num_mc=num_draws)
     draws = validation_draws(eval_fn, windows, batch_size, seed)
     loss, stderr = summarize_draws(draws, seq)
     if run.objective.name == "ar":
