@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66",
+    # Scaling-law fits: L-BFGS-B from many starts (scipy), with BLAS held to one thread.
+    "scipy>=1.13,<2",
+    "threadpoolctl>=3",
 ]
 
 setup(

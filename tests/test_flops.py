@@ -2,10 +2,15 @@
 
 import pytest
 
-from configs.models import PAPER_SIZES
+from configs.models import PAPER_SIZES, model_shape
 from dvar_jax.model.transformer import TransformerConfig, ffn_hidden_size, padded_vocab_size
 from dvar_jax.scaling.flops import (
+    FLOPS_CONVENTION,
+    FLOPS_CONVENTION_ATTENTION,
+    FLOPS_CONVENTION_NOTE,
     GPT2_VOCAB,
+    attention_flops,
+    flops_convention,
     matmul_flops_per_token,
     paper_param_count,
     training_flops,
@@ -134,3 +139,45 @@ def test_padded_vocab_is_smallest_multiple_of_128_holding_the_mask_id(tokenizer_
     assert padded == reference
     mask_id = tokenizer_vocab
     assert 0 <= mask_id < padded
+
+
+def test_study_flops_from_the_size_table():
+    """4.34e18 for 140M x 100M unique x 50 epochs and 1.25e20 for 425M x 100M x 500 epochs
+    (PAPER.md §4.1), with N from configs/models.py's size table (unrounded N = 144,834,816
+    gives 4.345e18, hence 0.2%)."""
+    def params(name: str) -> int:
+        d_model, n_layers, _, _ = model_shape(name)
+        return paper_param_count(d_model, n_layers)
+
+    assert training_flops(params("140M"), 100e6 * 50) == pytest.approx(4.34e18, rel=2e-3)
+    assert float(f"{training_flops(params('425M'), 100e6 * 500):.3g}") == 1.25e20
+    # PAPER.md §4.2's compute-optimal runs: 217M x 7.66B tokens ~ 1e19.
+    assert training_flops(params("217M"), 7.66e9) == pytest.approx(1e19, rel=1e-3)
+
+
+def test_attention_flops_hand_count_and_option():
+    """12 L S w per token: L=2, S=8, w=16 -> 3072 per token (as matmul_flops_per_token's
+    attention term), x D; training_flops(attention=...) adds it to 6 N D."""
+    assert attention_flops(1, n_layers=2, seq_len=8, width=16) == 3072
+    assert attention_flops(10, 2, 8, 16) == 30720
+    assert training_flops(100.0, 10.0, attention=(2, 8, 16)) == 6000 + 30720
+    assert training_flops(100.0, 10.0, attention=None) == training_flops(100.0, 10.0) == 6000
+    cfg = TransformerConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, head_dim=8,
+                            causal=True)
+    weights_only = matmul_flops_per_token(cfg, seq_len=8) - attention_flops(1, 2, 8, 16)
+    assert weights_only == 122880
+
+
+def test_attention_share_at_the_studys_best_ar_run():
+    """140M (L=15, w=768) at S=2048: attention adds 12*15*2048*768 / (6 N) = 32.6% to 6 N D."""
+    d_model, n_layers, n_heads, head_dim = model_shape("140M")
+    n = paper_param_count(d_model, n_layers)
+    d = 100e6 * 50
+    with_attn = training_flops(n, d, attention=(n_layers, 2048, n_heads * head_dim))
+    assert with_attn / training_flops(n, d) - 1 == pytest.approx(0.326, abs=1e-3)
+
+
+def test_flops_convention_labels():
+    assert flops_convention() == FLOPS_CONVENTION == "C = 6 N D"
+    assert flops_convention(attention=True) == FLOPS_CONVENTION_ATTENTION
+    assert set(FLOPS_CONVENTION_NOTE) == {FLOPS_CONVENTION, FLOPS_CONVENTION_ATTENTION}
