@@ -36,6 +36,11 @@ class Subcommand:
     # int, float); a None default is a required string.
     options: tuple[tuple[str, str | bool | int | float | None, str], ...] = ()
     progress_flag: bool = True
+    # Set for commands whose runs come from elsewhere (a grid): --config.KEY=VALUE overrides
+    # are parsed against default_config and applied to every run; this is their help text.
+    overrides_help: str | None = None
+    # Also accept --flag-name for --flag_name (the spelling the issue and launcher use).
+    dashed_flags: bool = False
 
 
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -101,7 +106,7 @@ def _default_field(argv: list[str], sub: Subcommand, key: str) -> tuple[type, ob
 def _flag_error_message(message: str, argv: list[str], sub: Subcommand) -> str:
     """absl's message, with what is allowed: the flags listing for an unknown flag, the
     expected type and default for a config value that does not parse."""
-    name = argv[0].split()[-1]
+    name = argv[0].split(" ", 1)[-1]
     if message.startswith("Unknown command line flag"):
         return f"{message}; `dvar {name} --help` lists the flags {name} accepts"
     bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", message, re.DOTALL)
@@ -135,6 +140,9 @@ def _help(name: str, sub: Subcommand) -> str:
     names = (["config"] * (sub.default_config is not None) + [f[0] for f in sub.options]
              + ["progress"] * sub.progress_flag)
     for flag in (fv[n] for n in names):
+        if flag.name == "config" and sub.overrides_help:
+            text.append(f"  --config.KEY=VALUE: {sub.overrides_help} (default: none)")
+            continue
         default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
         default = "required" if default is None and flag.name != "progress" else default
         text.append(f"  --{flag.name}: {flag.help} (default: {default})")
@@ -216,6 +224,118 @@ def _run_sample(fv: flags.FlagValues) -> int:
     return 0
 
 
+def _grid_overrides(fv: flags.FlagValues) -> dict:
+    """The --config.KEY=VALUE overrides of a grid command (typed as configs/base.py types
+    them); --config=FILE itself means nothing there, runs come from --grid."""
+    if fv["config"].present:
+        raise UsageError("--config=FILE does not apply here: the runs' configs come from --grid; "
+                         "change their keys with --config.KEY=VALUE")
+    return dict(config_flags.get_override_values(fv["config"]))
+
+
+def _run_sweep_list(fv: flags.FlagValues) -> int:
+    from dvar_jax.sweep import format_runs, load_grid, select, with_overrides
+
+    grid = load_grid(fv.grid)
+    print(format_runs(grid, with_overrides(select(grid, fv.only), _grid_overrides(fv))))
+    return 0
+
+
+def _run_sweep_run(fv: flags.FlagValues) -> int:
+    from dvar_jax.sweep import load_grid, run_sweep
+
+    grid = load_grid(fv.grid)
+    result = run_sweep(grid, fv.workdir, results=fv.results or None,
+                       emit_commands=fv.emit_commands, only=fv.only or None,
+                       override_config=_grid_overrides(fv), progress=fv.progress,
+                       log=lambda line: print(line, flush=True))
+    if result.commands is not None:
+        print("\n".join(result.commands))
+        return 0
+    print(f"sweep {grid.label}: {len(result.trained)} trained, {len(result.skipped)} already "
+          f"done, {len(result.recorded)} records appended, {len(result.failed)} failed"
+          + (f" ({', '.join(result.failed)})" if result.failed else ""))
+    return 1 if result.failed else 0
+
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def _amount(name: str, text: str) -> float:
+    """A positive number from a flag: 1e20, 100_000_000, or with a suffix k, M, B, T (100M)."""
+    value = text.strip().replace("_", "")
+    scale = _SUFFIXES.get(value[-1:].lower(), 1.0) if value else 1.0
+    try:
+        number = float(value[:-1] if scale != 1.0 else value) * scale
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise UsageError(f"--{name}={text!r} is not a positive number; allowed: e.g. 100M, 1e8, "
+                         "100_000_000 (suffixes k, M, B, T)")
+    return number
+
+
+def _results_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--results={text!r}: no such file; allowed: a results file written by "
+                         "dvar sweep run (WORKDIR/results.jsonl)")
+    return path
+
+
+_LOSS_KEYS = ("best_val_loss", "final_val_loss")
+
+
+def _run_fit(fv: flags.FlagValues) -> int:
+    if fv.bootstrap < 0:
+        raise UsageError(f"--bootstrap={fv.bootstrap}: must be >= 0 (0 = no intervals)")
+    if fv.loss_key not in _LOSS_KEYS:
+        raise UsageError(f"--loss_key={fv.loss_key!r}: allowed {', '.join(_LOSS_KEYS)}")
+    from dvar_jax.results import read_records
+
+    path = _results_file(fv.results)
+    records = read_records(path)
+    if not records:
+        raise UsageError(f"--results={fv.results!r} holds no records; run dvar sweep run first")
+    from dvar_jax.scaling.laws import fit_laws, format_fits
+
+    fits = fit_laws(records, loss_key=fv.loss_key, tie_alpha_beta=fv.tie_alpha_beta,
+                    bootstrap=fv.bootstrap, seed=fv.seed)
+    print(format_fits(fits))
+    if fv.plots:
+        from dvar_jax.scaling.plots import write_plots
+
+        for plot in write_plots(records, fits, Path(fv.plots)):
+            print(f"wrote {plot}")
+    return 0
+
+
+def _run_plan(fv: flags.FlagValues) -> int:
+    unique_tokens = _amount("unique_tokens", fv.unique_tokens)
+    flops = _amount("flops", fv.flops)
+    if fv.results and fv["laws"].present:
+        raise UsageError(f"--laws={fv.laws!r} and --results={fv.results!r} exclude each other: "
+                         "give a published law set or your own results, not both")
+    from dvar_jax.scaling.planner import LAW_SETS, format_plan, load_laws, plan
+
+    if fv.results:
+        spec = str(_results_file(fv.results))
+    elif fv.laws in LAW_SETS or Path(fv.laws).is_file():
+        spec = fv.laws
+    else:
+        raise UsageError(f"--laws={fv.laws!r} is not a known law set; allowed: "
+                         f"{', '.join(LAW_SETS)}, or --results=PATH to fit your own")
+    print(format_plan(plan(load_laws(spec), unique_tokens, flops)))
+    return 0
+
+
+_GRID_FLAG = ("grid", None, "a grid in configs/grids/ (small, paper) or a path to a .py file "
+                            "defining get_grid()")
+_ONLY_FLAG = ("only", "", "comma-separated run names or shell patterns, e.g. 'ar-*-U100M-*' "
+                          "(empty = every run)")
+_OVERRIDES_HELP = ("override a config key of every run, e.g. --config.data.path=DIR (keys and "
+                   "types as configs/base.py)")
+
 _CHECKPOINT_FLAG = ("checkpoint", "best", "best (lowest validation loss), latest, or a step")
 
 SUBCOMMANDS = {
@@ -271,6 +391,39 @@ SUBCOMMANDS = {
          ("steps", 0, "diffusion: denoising steps (0 = n_new)"),
          ("tokens_per_step", 0, "diffusion confidence: tokens committed per step "
                                 "(0 = n_new / steps)")), progress_flag=False),
+    "sweep list": Subcommand(
+        "Print a grid's runs: objective, N, unique tokens, epochs, steps, tokens, FLOPs (6ND and "
+        "with attention), totals, and a CPU time estimate for CPU-sized grids.", "base.py",
+        _run_sweep_list, (_GRID_FLAG, _ONLY_FLAG), progress_flag=False,
+        overrides_help=_OVERRIDES_HELP, dashed_flags=True),
+    "sweep run": Subcommand(
+        "Train a grid's runs one after another in WORKDIR/NAME: skip finished ones, resume "
+        "interrupted ones, append one record per finished run to the results file.", "base.py",
+        _run_sweep_run,
+        (_GRID_FLAG, ("workdir", None, "folder holding one run folder per run name"),
+         _ONLY_FLAG,
+         ("results", "", "results file the records are appended to; empty = "
+                         "WORKDIR/results.jsonl"),
+         ("emit_commands", False, "train nothing: print one `dvar sweep run --only=NAME` line "
+                                  "per run not done yet, for a launcher (launch/tpu_vm.sh sweep)")),
+        overrides_help=_OVERRIDES_HELP, dashed_flags=True),
+    "fit": Subcommand(
+        "Fit the data-constrained scaling laws (PAPER.md §7) per objective to a results file; "
+        "print the constants, R^2 and Huber loss; optionally write the plots.", None, _run_fit,
+        (("results", None, "results file written by dvar sweep run"),
+         ("plots", "", "folder to write the PNG plots into (empty = no plots)"),
+         ("bootstrap", 0, "bootstrap resamples over runs for 95% intervals (0 = none)"),
+         ("tie_alpha_beta", False, "fit one exponent for N and D (alpha = beta), as Muennighoff"),
+         ("loss_key", "best_val_loss", "the loss fitted: best_val_loss or final_val_loss"),
+         ("seed", 0, "seed of the bootstrap resamples")), progress_flag=False, dashed_flags=True),
+    "plan": Subcommand(
+        "AR or diffusion? For U unique tokens and C FLOPs: the objective with the lower predicted "
+        "loss, its model size and epochs, both predicted losses, and C_crit(U).", None, _run_plan,
+        (("unique_tokens", None, "unique tokens U you have, e.g. 100M or 1e8"),
+         ("flops", None, "training compute C in FLOPs, e.g. 1e20"),
+         ("laws", "prabhudesai2025", "a named law set (the study's published constants)"),
+         ("results", "", "fit the laws to this results file instead of --laws")),
+        progress_flag=False, dashed_flags=True),
 }
 
 
@@ -280,18 +433,53 @@ def _usage() -> str:
     return "\n".join(lines + [f"  {n:<12} {s.summary}" for n, s in SUBCOMMANDS.items()])
 
 
+def _subcommand_name(argv: list[str]) -> tuple[str, list[str]]:
+    """("sweep run", rest) for `dvar sweep run ...`: absl has no sub-subcommands, so the
+    action word is taken here. UsageError for `dvar sweep` without a known action."""
+    if argv[1] != "sweep":
+        return argv[1], argv[2:]
+    actions = [n.split()[1] for n in SUBCOMMANDS if n.startswith("sweep ")]
+    action = argv[2] if len(argv) > 2 else ""
+    if not action or action.startswith("-"):
+        raise UsageError(f"choose an action: {' or '.join(actions)} (`dvar sweep ACTION --help`)")
+    if f"sweep {action}" not in SUBCOMMANDS:
+        raise UsageError(f"unknown action {action!r}; choose one of: {', '.join(actions)}")
+    return f"sweep {action}", argv[3:]
+
+
+def _underscored(args: list[str]) -> list[str]:
+    """--emit-commands -> --emit_commands (flag names only; values and --config.KEYs stay)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and not a.startswith("--config"):
+            flag, sep, value = a.partition("=")
+            a = "--" + flag[2:].replace("-", "_") + sep + value
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    name = argv[1]
-    if name not in SUBCOMMANDS:
-        print(f"dvar: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}",
+    if argv[1:3] in (["sweep", "-h"], ["sweep", "--help"], ["sweep", "help"]):
+        print("\n".join(["usage: dvar sweep ACTION [--flags]    (dvar sweep ACTION --help lists "
+                         "its flags)", "", "actions:"]
+                        + [f"  {n[6:]:<6} {s.summary}" for n, s in SUBCOMMANDS.items()
+                           if n.startswith("sweep ")]))
+        return 0
+    if argv[1] not in SUBCOMMANDS and argv[1] != "sweep":
+        print(f"dvar: unknown subcommand {argv[1]!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         return 2
+    try:
+        name, rest = _subcommand_name(argv)
+    except UsageError as e:
+        print(f"dvar sweep: {e}", file=sys.stderr)
+        return 2
     sub = SUBCOMMANDS[name]
-    sub_argv = [f"dvar {name}", *argv[2:]]
+    sub_argv = [f"dvar {name}", *(_underscored(rest) if sub.dashed_flags else rest)]
     if any(a in ("-h", "--help", "--helpfull") for a in sub_argv[1:]):
         print(_help(name, sub))
         return 0

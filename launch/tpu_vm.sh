@@ -24,7 +24,7 @@ MAX_REMOTE_COMMAND_BYTES=100000  # one argv string may not exceed 128 KiB on Lin
 
 usage() {
   cat <<EOF
-usage: $PROG SUBCOMMAND [options] [-- dvar train args]
+usage: $PROG SUBCOMMAND [options] [-- dvar train args | -- dvar sweep run args]
 
 Drives Cloud TPU VMs with 'gcloud compute tpus tpu-vm'. Run with --dry-run first: it prints
 every command, one per line, prefixed with '+ ', and runs nothing.
@@ -40,9 +40,12 @@ subcommands:
            environment): nohup dvar train --workdir=WORKDIR ARGS..., where ARGS are the
            arguments after '--'; output goes to a log file on each worker, so an ssh drop
            does not stop the run
-  sweep    on every worker: run the commands read from --commands FILE or stdin (one per
-           line, e.g. from 'dvar sweep run --grid=... --emit-commands'; blank lines and
-           '#' comments skipped) one after another, in the background under nohup
+  sweep    on every worker: run a list of commands one after another, in the background
+           under nohup. With --grid: the runs of that grid not done yet in --workdir, as
+           listed on the worker by 'dvar sweep run --grid=G --workdir=W --emit-commands ARGS'
+           (ARGS after '--', e.g. --only=... or --config.data.path=...). Otherwise: the
+           commands read from --commands FILE or stdin (one per line, e.g. from 'dvar sweep
+           run ... --emit-commands'; blank lines and '#' comments skipped)
   logs     follow a train log on --worker (tail -n +1 -F over tpu-vm ssh): --log, or else the
            newest dvar-logs/train-*.log on that worker
   fetch    copy the run folder --workdir back: gs://... with gcloud storage rsync; a path on
@@ -80,7 +83,12 @@ options (an option may also be written --opt=value):
   --dir DIR          setup/train/sweep/logs/fetch: checkout folder on each worker, relative
                      to the home folder (default: $DEFAULT_DIR)
   --workdir DIR      train/fetch: run folder, gs://BUCKET/PATH or a path on each worker
-                     (relative to --dir unless it starts with /); required
+                     (relative to --dir unless it starts with /); required. sweep --grid:
+                     the folder of the grid's run folders and results.jsonl, a path on
+                     each worker
+  --grid GRID        sweep: a grid of dvar sweep run (small, paper, or a .py file in the
+                     checkout); the worker lists its runs not done yet (default: none, use
+                     --commands)
   --log FILE         train: log file on each worker, relative to --dir
                      (default: dvar-logs/train-UTCTIMESTAMP.log); logs: the log to follow
                      (default: the newest dvar-logs/train-*.log on the worker)
@@ -90,7 +98,8 @@ options (an option may also be written --opt=value):
   --dest DIR         fetch: local folder the run folder is copied into, as DIR/RUN
                      (DIR/worker-K/RUN with --worker=all), RUN being the last part of
                      --workdir (default: tpu-results/NAME)
-  --commands FILE    sweep: file with one command per line; '-' is stdin (default: stdin)
+  --commands FILE    sweep without --grid: file with one command per line; '-' is stdin
+                     (default: stdin)
   --dry-run          print the commands, run nothing (env DRY_RUN=1; default: off)
   -h, --help         this help
 
@@ -106,7 +115,10 @@ examples:
       --config=configs/base.py --config.objective=diffusion
   $PROG logs   --name=dvar-1 --zone=us-west4-a --worker=all
   $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=runs/ar --worker=all
-  dvar sweep run --grid=grid.py --emit-commands | $PROG sweep --name=dvar-1 --zone=us-west4-a
+  $PROG sweep  --name=dvar-1 --zone=us-west4-a --grid=paper --workdir=runs/paper -- \\
+      --only='ar-*-U100M-*' --config.data.path=/data/c4
+  dvar sweep run --grid=grid.py --workdir=runs/g --emit-commands | \\
+      $PROG sweep --name=dvar-1 --zone=us-west4-a
   $PROG delete --name=dvar-1 --zone=us-west4-a
   $PROG delete --name=dvar-1 --zone=us-west4-a --queued   # if made with create --queued
 EOF
@@ -205,6 +217,7 @@ DIR=$DEFAULT_DIR
 WORKDIR=""
 LOG=""
 COMMANDS_FILE=-
+GRID=""
 PASSTHROUGH=()
 
 # Which subcommands take each option (the shared ones take all).
@@ -212,16 +225,18 @@ declare -A OPTION_FOR=(
   [--type]="create" [--version]="create" [--spot]="create" [--preemptible]="create"
   [--queued]="create status delete" [--qr-name]="create status delete"
   [--repo]="setup" [--ref]="setup" [--copy]="setup" [--python]="setup"
-  [--dir]="setup train sweep logs fetch" [--workdir]="train fetch" [--log]="train logs"
-  [--commands]="sweep" [--worker]="logs fetch" [--workers]="fetch" [--dest]="fetch"
+  [--dir]="setup train sweep logs fetch" [--workdir]="train sweep fetch"
+  [--log]="train logs" [--commands]="sweep" [--grid]="sweep" [--worker]="logs fetch"
+  [--workers]="fetch" [--dest]="fetch"
 )
 
 while [[ $# -gt 0 ]]; do
   arg=$1
   shift
   if [[ $arg == -- ]]; then
-    [[ $SUBCOMMAND == train ]] \
-      || die_usage "'--' passes arguments to dvar train; '$SUBCOMMAND' takes none"
+    [[ $SUBCOMMAND == train || $SUBCOMMAND == sweep ]] \
+      || die_usage "'--' passes arguments to dvar train (or dvar sweep run with sweep --grid);" \
+           "'$SUBCOMMAND' takes none"
     PASSTHROUGH=("$@")
     break
   fi
@@ -236,7 +251,7 @@ while [[ $# -gt 0 ]]; do
     --dry-run | --spot | --preemptible | --copy | --queued)
       [[ $has_value == 0 ]] || die_usage "option $opt takes no value (got '$arg')" ;;
     --name | --zone | --project | --type | --version | --repo | --ref | --python | --dir \
-      | --workdir | --log | --commands | --qr-name | --worker | --workers | --dest)
+      | --workdir | --log | --commands | --grid | --qr-name | --worker | --workers | --dest)
       if [[ $has_value == 0 ]]; then
         [[ $# -gt 0 ]] || die_usage "option $opt needs a value"
         [[ $1 == - || $1 != -* ]] || die_usage "option $opt needs a value, got the option '$1'"
@@ -272,6 +287,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORKDIR=$value ;;
     --log) LOG=$value ;;
     --commands) COMMANDS_FILE=$value ;;
+    --grid) GRID=$value ;;
   esac
 done
 
@@ -358,6 +374,35 @@ if [[ $SUBCOMMAND == train ]]; then
       || die_usage "'$a' after --: give the run folder as --workdir before --"
     [[ $a != --dry-run ]] || die_usage "'$a' after -- would go to dvar train; put it before --"
   done
+fi
+
+if [[ $SUBCOMMAND == sweep ]]; then
+  if [[ -n $GRID ]]; then
+    [[ $GRID =~ ^[A-Za-z0-9_][A-Za-z0-9_./-]*$ && ! $GRID =~ (^|/)\.\.?(/|$) ]] \
+      || die_usage "invalid --grid '$GRID' (allowed: a grid name like small or paper, or a" \
+           ".py path in the checkout of letters, digits, '_', '.', '-', '/')"
+    [[ $COMMANDS_FILE == - ]] \
+      || die_usage "--grid and --commands exclude each other: the worker lists the grid's" \
+           "commands itself"
+    [[ -n $WORKDIR ]] || die_usage "missing --workdir for sweep --grid (allowed: a path on" \
+                           "each worker, relative to --dir unless it starts with /)"
+    [[ $WORKDIR =~ ^/?[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && ! $WORKDIR =~ (^|/)\.\.?(/|$) ]] \
+      || die_usage "invalid --workdir '$WORKDIR' for sweep (allowed: a path on the workers of" \
+           "letters, digits, '_', '.', '-', '/', with no '.' or '..' parts; the sweep's" \
+           "results file is locked there, which gs:// does not support)"
+    for a in ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}; do
+      case $a in
+        --workdir | --workdir=* | --grid | --grid=* | --emit[-_]commands*)
+          die_usage "'$a' after --: $PROG sweep sets it; give --grid and --workdir before --" ;;
+        --dry-run) die_usage "'$a' after -- would go to dvar sweep run; put it before --" ;;
+      esac
+    done
+  else
+    [[ -z $WORKDIR ]] || die_usage "--workdir '$WORKDIR' for sweep needs --grid (with" \
+                           "--commands, each command names its own workdir)"
+    [[ ${#PASSTHROUGH[@]} == 0 ]] || die_usage "'--' passes arguments to dvar sweep run;" \
+                                     "it needs --grid"
+  fi
 fi
 
 if [[ $SUBCOMMAND == train || $SUBCOMMAND == logs ]]; then
@@ -540,7 +585,30 @@ SWEEP_RUNNER_PARTS=(
 )
 SWEEP_RUNNER="${SWEEP_RUNNER_PARTS[*]}"
 
+# With --grid: the worker lists the grid's runs not done yet in its own --workdir (the only
+# place that knows which are done) into FOLDER/commands, then runs them like any list.
+cmd_sweep_grid() {
+  local folder d remote emit
+  folder=dvar-logs/sweep-$(timestamp)
+  d=$(quote "$DIR")
+  emit=$(quote_words .venv/bin/dvar sweep run --grid="$GRID" --workdir="$WORKDIR" \
+    --emit-commands ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"})
+  remote="cd $d"
+  remote+=" && { [ -x .venv/bin/dvar ] || { echo \"\$(hostname): no ~/$DIR/.venv/bin/dvar;"
+  remote+=" run '$PROG setup' first\" >&2; exit 1; }; }"
+  remote+=" && mkdir -p $folder && $emit > $folder/commands"
+  remote+=" && { nohup bash -c $(quote "$SWEEP_RUNNER") sweep $folder"
+  remote+=" > $folder/sweep.log 2>&1 < /dev/null & }"
+  remote+=" && echo \"\$(hostname): sweep of \$(grep -c '' $folder/commands) runs of grid"
+  remote+=" $GRID started (pid \$!), log ~/$DIR/$folder/sweep.log\""
+  ssh_all "$remote"
+}
+
 cmd_sweep() {
+  if [[ -n $GRID ]]; then
+    cmd_sweep_grid
+    return
+  fi
   local input line commands=()
   if [[ $COMMANDS_FILE == - ]]; then
     [[ ! -t 0 ]] \

@@ -23,7 +23,8 @@ TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 SUBCOMMANDS = ("create", "setup", "train", "sweep", "logs", "fetch", "status", "delete")
 OPTIONS = ("--name", "--zone", "--project", "--type", "--version", "--spot", "--preemptible",
            "--queued", "--qr-name", "--repo", "--ref", "--copy", "--python", "--dir", "--workdir",
-           "--log", "--worker", "--workers", "--dest", "--commands", "--dry-run", "--help")
+           "--log", "--worker", "--workers", "--dest", "--commands", "--grid", "--dry-run",
+           "--help")
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 # A config value with spaces and both kinds of quotes, to pass through three shells intact.
 AWKWARD = "--config.data.path=/data/my corpus/it's \"quoted\" $HOME `x`"
@@ -337,6 +338,38 @@ def test_sweep_too_large_for_one_ssh_command_is_refused(tmp_path):
     assert r.returncode == 2 and "split the input" in r.stderr and r.stdout == ""
 
 
+def test_sweep_grid_lists_the_runs_on_the_worker_and_runs_them(tmp_path):
+    passed = ["--only=ar-*-U100M-*", AWKWARD]
+    (argv,) = dry("sweep", f"--name={NAME}", f"--zone={ZONE}", "--grid=paper",
+                  "--workdir=runs/paper", "--", *passed)
+    remote = remote_of(argv)
+    words = shlex.split(remote)
+    i = next(k for k, w in enumerate(words) if words[k:k + 2] == [".venv/bin/dvar", "sweep"])
+    emit = [".venv/bin/dvar", "sweep", "run", "--grid=paper", "--workdir=runs/paper",
+            "--emit-commands", *passed]
+    assert words[i:i + len(emit)] == emit
+    assert words[i + len(emit)] == ">"
+    assert re.fullmatch(r"dvar-logs/sweep-\d{8}-\d{6}/commands", words[i + len(emit) + 1])
+    assert "nohup bash -c" in remote and "runs of grid paper started" in remote
+
+    # Through a real shell: the worker's `dvar sweep run --emit-commands` lists two runs (one
+    # name with a space, to prove the listed lines run as written), which then run in order.
+    home = tmp_path / "home"
+    calls, emitted = home / "calls", home / "emit-argv"
+    stub = ('case "$*" in *--emit-commands*) printf "%s\\0" "$@" > ' + str(emitted) + '; '
+            """printf '%s\\n' "dvar sweep run --only=a" "dvar sweep run --only='b c'"; exit 0;; """
+            'esac\n'
+            f'{{ printf "%s\\0" "$@"; echo; }} >> {calls}; echo "ran $*"\n')
+    done = lambda: any("sweep done" in p.read_text() for p in home.glob("dvar-jax/*/*/sweep.log"))
+    r = run_remote_locally(remote, home, stub, done)
+    assert "sweep of 2 runs of grid paper started" in r.stdout
+    assert emitted.read_text().split("\0")[:-1] == emit[1:]
+    runs = [c.split("\0") for c in calls.read_text().split("\0\n")[:-1]]
+    assert runs == [["sweep", "run", "--only=a"], ["sweep", "run", "--only=b c"]]
+    (log,) = home.glob("dvar-jax/dvar-logs/sweep-*/sweep.log")
+    assert "sweep done: 2 of 2 runs ok" in log.read_text()
+
+
 # ------------------------------------------------------------------------------------------------
 # logs
 
@@ -514,6 +547,20 @@ BAD = [
     (["delete", *NZ, "--", "x"], "'delete' takes none"),
     (["sweep", *NZ, "--commands=/no/such/file"], "--commands '/no/such/file' is not a readable"),
     (["sweep", *NZ], "no commands on stdin"),
+    (["sweep", *NZ, "--grid=small"], "missing --workdir for sweep --grid"),
+    (["sweep", *NZ, "--grid=small", "--workdir=gs://b-1/x"],
+     "invalid --workdir 'gs://b-1/x' for sweep"),
+    (["sweep", *NZ, "--grid=../g.py", "--workdir=w"], "invalid --grid '../g.py'"),
+    (["sweep", *NZ, "--grid=small", "--workdir=w", "--commands=f"],
+     "--grid and --commands exclude each other"),
+    (["sweep", *NZ, "--grid=small", "--workdir=w", "--", "--workdir=v"], "'--workdir=v' after --"),
+    (["sweep", *NZ, "--grid=small", "--workdir=w", "--", "--emit-commands"],
+     "'--emit-commands' after --"),
+    (["sweep", *NZ, "--grid=small", "--workdir=w", "--", "--dry-run"],
+     "'--dry-run' after -- would go to dvar sweep run"),
+    (["sweep", *NZ, "--workdir=w"], "--workdir 'w' for sweep needs --grid"),
+    (["sweep", *NZ, "--", "--only=x"], "'--' passes arguments to dvar sweep run; it needs --grid"),
+    (["logs", *NZ, "--grid=small"], "option --grid does not apply to 'logs'"),
     (["create", *NZ, "--queued", "--preemptible"], "--preemptible does not work with --queued"),
     (["create", f"--name={'a' * 62}", f"--zone={ZONE}", "--queued"],
      f"invalid queued resource name '{'a' * 62}-qr'"),

@@ -1,0 +1,131 @@
+"""The study's grid (PAPER.md §2, §4, §4.2): AR and masked diffusion at the study's sizes and
+hyperparameters, on your corpus. A superset of the study's ~200 models; pick parts with
+`dvar sweep run --grid=paper --only='ar-*-U100M-*'` (names and shell patterns).
+
+Three families of runs, each for both objectives:
+
+- **multi-epoch** `{obj}-{size}-U{U}-E{E}`: U in {25M, 50M, 100M} unique tokens, sizes from 7M
+  to 2.5B (`SIZES`, roughly log-spaced through the table, with the study's best AR 140M and
+  best diffusion 425M), E in {1, ..., 800} epochs: the data-constrained fit's input (step 2).
+- **isoFLOP** `{obj}-{size}-C{C}-E1`: one epoch on fresh data at C in {6e18, 1e19, 3e19, 1e20},
+  D = C / (6 N), for the sizes of `ISO_SIZES` within `ISO_TOKENS_PER_PARAM` of D/N: the
+  single-epoch Chinchilla fit (step 1), as the study's TRAIN.md.
+- **data value** `{obj}-{size}-C{C}-E{E}`: each objective's compute-optimal (N, D) at 1e19,
+  3e19, 1e20 (PAPER.md §4.2), D split into E in {1, 2, 4, 10, 20, 50, 100} epochs over D / E
+  unique tokens (E = 1 is the isoFLOP run itself, trained once).
+
+The corpus is yours: `--config.data.path=DIR_OR_JSONL` (the study: English C4 with GPT-2 BPE;
+`--config.data.tokenizer_path` to bring a tokenizer). Until it is given, `dvar sweep run`
+refuses to start; `dvar sweep list` works without it. The isoFLOP runs need up to 40B tokens
+of fresh text; the multi-epoch runs only the first 100M.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+from configs.grids import add_run, required, run_name
+from configs.models import PAPER_SIZES
+from dvar_jax.scaling.flops import paper_param_count
+
+OBJECTIVES = ("ar", "diffusion")
+UNIQUE_TOKENS = (25_000_000, 50_000_000, 100_000_000)
+SIZES = ("7M", "14M", "35M", "57M", "90M", "140M", "217M", "425M", "724M", "1143M", "2639M")
+EPOCHS = (1, 2, 4, 10, 20, 50, 100, 200, 500, 800)
+
+ISO_FLOPS = (6e18, 1e19, 3e19, 1e20)
+ISO_SIZES = ("14M", "35M", "57M", "90M", "117M", "140M", "217M", "306M", "425M", "552M", "724M",
+             "1018M", "1266M", "1731M")
+# Sizes whose D / N lies in this band at a budget: about a decade of N around the optimum
+# (the study's optima sit at D / N of 35 for AR and about 100 for diffusion).
+ISO_TOKENS_PER_PARAM = (8.0, 400.0)
+
+# Compute-optimal sizes per budget and objective (PAPER.md §4.2, from the study's TRAIN.md).
+OPTIMAL_SIZE = {
+    1e19: {"ar": "217M", "diffusion": "117M"},
+    3e19: {"ar": "425M", "diffusion": "217M"},
+    1e20: {"ar": "724M", "diffusion": "425M"},
+}
+DATA_VALUE_EPOCHS = (1, 2, 4, 10, 20, 50, 100)
+
+SEQ_LEN = 2048
+BATCH_SIZE = 256  # 524,288 tokens a step (PAPER.md §4)
+VOCAB = 50257  # the study's N formula counts this vocabulary (GPT-2, unpadded)
+EVAL_EVERY_STEPS = 1000  # the study's --eval-interval
+EVAL_TOKENS = 100 * BATCH_SIZE * SEQ_LEN  # --eval-iters 100
+
+
+def params(size: str) -> int:
+    """The study's N formula for a size of the table."""
+    d_model, n_layers, _, _ = PAPER_SIZES[size]
+    return paper_param_count(d_model, n_layers, VOCAB)
+
+
+def study_config(objective: str, size: str, unique_tokens: int, epochs: float) -> ConfigDict:
+    """configs/base.py (the study's optimiser, schedule, dropout, seed) at the study's scale."""
+    c = base.get_config()
+    c.objective = objective
+    c.model.name = size
+    c.model.dtype = "bfloat16"  # bf16 mixed precision; parameters and optimizer stay float32
+    c.data.source = "text"
+    c.data.path = required("data.path", "your corpus: a folder of .txt or a .jsonl file")
+    c.data.vocab_size = VOCAB
+    c.data.tokenizer_type = "bpe"
+    c.data.seq_len = SEQ_LEN
+    c.data.unique_tokens = unique_tokens
+    c.data.epochs = float(epochs)
+    c.data.validation_tokens = EVAL_TOKENS
+    c.train.batch_size = BATCH_SIZE
+    # Shard parameters and optimizer state over every device: the 2.5B model's float32 Adam
+    # state alone is 40 GB. The batch of 256 divides every slice up to 256 chips.
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    # The study's cadence (every 1000 steps), but at least 10 evaluations in a short run, so
+    # every run has a best checkpoint and a curve.
+    steps_per_epoch = (unique_tokens - 1) // SEQ_LEN / BATCH_SIZE
+    c.eval.every_epochs = min(EVAL_EVERY_STEPS / steps_per_epoch, epochs / 10)
+    c.eval.batch_size = BATCH_SIZE
+    c.eval.num_mc = 1  # the study's during-training setting; 52M tokens keep the noise small
+    return c
+
+
+def _multi_epoch(grid: dict[str, ConfigDict]) -> None:
+    for objective in OBJECTIVES:
+        for unique in UNIQUE_TOKENS:
+            for size in SIZES:
+                for epochs in EPOCHS:
+                    add_run(grid, run_name(objective, size, epochs, unique_tokens=unique),
+                            study_config(objective, size, unique, epochs))
+
+
+def _fresh_tokens(flops: float, size: str) -> int:
+    """D = C / (6 N) (the study's DATA_CNT = int((FLOPS/6) * (1/N)))."""
+    return int(flops / 6 / params(size))
+
+
+def _isoflop(grid: dict[str, ConfigDict]) -> None:
+    low, high = ISO_TOKENS_PER_PARAM
+    for flops in ISO_FLOPS:
+        optimal = set(OPTIMAL_SIZE.get(flops, {}).values())
+        for size in ISO_SIZES:
+            tokens = _fresh_tokens(flops, size)
+            if not (low <= tokens / params(size) <= high or size in optimal):
+                continue
+            for objective in OBJECTIVES:
+                add_run(grid, run_name(objective, size, 1, compute=flops),
+                        study_config(objective, size, tokens, 1))
+
+
+def _data_value(grid: dict[str, ConfigDict]) -> None:
+    for flops, sizes in OPTIMAL_SIZE.items():
+        for objective, size in sizes.items():
+            tokens = _fresh_tokens(flops, size)
+            for epochs in DATA_VALUE_EPOCHS:
+                add_run(grid, run_name(objective, size, epochs, compute=flops),
+                        study_config(objective, size, tokens // epochs, epochs))
+
+
+def get_grid() -> list[tuple[str, ConfigDict]]:
+    grid: dict[str, ConfigDict] = {}
+    _multi_epoch(grid)
+    _isoflop(grid)
+    _data_value(grid)
+    return list(grid.items())

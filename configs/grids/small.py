@@ -1,0 +1,73 @@
+"""A CPU-sized grid (`make grid-demo`): the study's design shrunk to a 2-core CPU, under an
+hour on the embedded Shakespeare corpus, one run after another.
+
+Both objectives at three sizes (cpu-xs 0.34M, cpu-s 1.3M, cpu-m 3.5M parameters by the study's
+formula with the 4096-token vocabulary):
+
+- **multi-epoch** `{obj}-{size}-U{U}-E{E}`: U in `UNIQUE_TOKENS` x E in `EPOCHS`, the
+  data-constrained fit's input (step 2). The largest epoch counts are where AR overfits at this
+  scale (`make demo`: cpu-s on 50k tokens turns upward after about 12 epochs).
+- **single-epoch** `{obj}-{size}-U{D}-E1` on fresh data, D in `FRESH_TOKENS`: with the E = 1
+  column of the multi-epoch runs they spread the single-epoch points over 36x in D and 10x in N
+  for the Chinchilla fit (step 1).
+
+`dvar sweep list --grid=small` prints the runs and the time estimate from the README's measured
+CPU throughput.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+from configs.grids import add_run, run_name
+
+OBJECTIVES = ("ar", "diffusion")
+SIZES = ("cpu-xs", "cpu-s", "cpu-m")
+UNIQUE_TOKENS = (5_000, 10_000, 20_000)
+EPOCHS = (1, 3, 8, 24)
+FRESH_TOKENS = (60_000, 180_000)
+
+SEQ_LEN = 64
+BATCH_SIZE = 16  # 1,024 tokens a step: 4 steps an epoch of the smallest U
+EVALS_PER_RUN = 8
+VALIDATION_TOKENS = 4_096
+
+
+def small_config(objective: str, size: str, unique_tokens: int, epochs: float) -> ConfigDict:
+    """configs/base.py with the demo's CPU settings (configs/demo.py) at this grid's shape."""
+    c = base.get_config()
+    c.objective = objective
+    c.model.name = size
+    # No dropout, as the demo: the plain objectives, and 40% less CPU time.
+    c.model.attention_dropout = 0.0
+    c.model.hidden_dropout = 0.0
+    c.data.unique_tokens = unique_tokens
+    c.data.epochs = float(epochs)
+    c.data.seq_len = SEQ_LEN
+    # The first VALIDATION_TOKENS of the held-out works, the same for every run.
+    c.data.validation_tokens = VALIDATION_TOKENS
+    c.train.batch_size = BATCH_SIZE
+    c.train.peak_lr = 1e-3  # small models on small budgets need a larger step (as the demo)
+    c.train.warmup_fraction = 0.02
+    c.train.log_every = 20
+    c.eval.every_epochs = epochs / EVALS_PER_RUN
+    c.eval.batch_size = 64
+    c.eval.num_mc = 2
+    # Save at the end only (and on SIGTERM): runs take seconds to minutes, and saving at every
+    # evaluation would cost more than it protects.
+    c.checkpoint.every_steps = 1_000_000
+    c.checkpoint.keep = 1
+    return c
+
+
+def get_grid() -> list[tuple[str, ConfigDict]]:
+    grid: dict[str, ConfigDict] = {}
+    for objective in OBJECTIVES:
+        for size in SIZES:
+            for unique in UNIQUE_TOKENS:
+                for epochs in EPOCHS:
+                    add_run(grid, run_name(objective, size, epochs, unique_tokens=unique),
+                            small_config(objective, size, unique, epochs))
+            for fresh in FRESH_TOKENS:
+                add_run(grid, run_name(objective, size, 1, unique_tokens=fresh),
+                        small_config(objective, size, fresh, 1))
+    return list(grid.items())

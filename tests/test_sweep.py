@@ -1,0 +1,408 @@
+"""Grids (configs/grids/), the sweep runner (dvar_jax/sweep.py) and the `dvar sweep`, `dvar fit`
+and `dvar plan` command lines."""
+
+import json
+import shlex
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from configs.base import get_config
+from configs.grids import paper, small
+from dvar_jax import sweep
+from dvar_jax.cli import main
+from dvar_jax.config import validate_config
+from dvar_jax.scaling.flops import training_flops
+from dvar_jax.sweep import Grid, list_runs, load_grid, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paper_grid():
+    return load_grid("paper")
+
+
+@pytest.fixture(scope="module")
+def paper_rows(paper_grid):
+    return {r["name"]: r for r in list_runs(paper_grid)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper grid
+
+
+def test_paper_grid_has_200_distinct_complete_runs(paper_grid):
+    names = [name for name, _ in paper_grid.runs]
+    assert len(names) >= 200 and len(set(names)) == len(names)
+    for name, cfg in paper_grid.runs:
+        validate_config(cfg)  # complete configs (load_grid checked them too)
+        assert set(cfg.keys()) == set(get_config().keys())
+        assert name.startswith(f"{cfg.objective}-{cfg.model.name}-")
+        assert cfg.data.path.startswith("<required: --config.data.path=")
+        assert (cfg.data.seq_len, cfg.train.batch_size, cfg.data.vocab_size) == (2048, 256, 50257)
+    objectives = [cfg.objective for _, cfg in paper_grid.runs]
+    assert objectives.count("ar") == objectives.count("diffusion")
+    assert {cfg.data.epochs for _, cfg in paper_grid.runs} >= {1, 50, 500, 800}
+    assert {"ar-7M-U25M-E1", "diffusion-2639M-U100M-E800", "ar-140M-U100M-E50",
+            "diffusion-425M-U100M-E500"} <= set(names)
+
+
+def test_paper_grid_names_are_stable():
+    assert [n for n, _ in paper.get_grid()] == [n for n, _ in paper.get_grid()]
+
+
+def test_flops_of_a_named_run_are_6nd(paper_rows):
+    ar = paper_rows["ar-140M-U100M-E50"]  # the study's best AR (PAPER.md §4.1)
+    assert ar["flops"] == training_flops(ar["params"], ar["tokens"])
+    assert ar["flops"] == pytest.approx(6 * ar["params"] * ar["tokens"], rel=1e-12)
+    assert f"{ar['flops']:.3g}" == "4.34e+18"
+    assert ar["flops_attention"] > ar["flops"]
+    mdm = paper_rows["diffusion-425M-U100M-E500"]
+    assert f"{mdm['flops']:.3g}" == "1.25e+20"
+
+
+@pytest.mark.parametrize("flops", paper.ISO_FLOPS)
+def test_isoflop_runs_are_single_epoch_on_fresh_data_at_their_budget(paper_rows, flops):
+    label = f"C{flops:.0e}".replace("e+", "e")
+    rows = [r for n, r in paper_rows.items() if n.endswith(f"-{label}-E1")]
+    assert len(rows) >= 2 * 5  # at least 5 sizes per objective
+    for r in rows:
+        assert r["epochs"] == 1
+        assert r["flops"] == pytest.approx(flops, rel=1e-3)  # D = C / 6N, less a partial batch
+
+
+def test_data_value_runs_split_the_optimal_tokens_into_epochs(paper_rows):
+    for flops, sizes in paper.OPTIMAL_SIZE.items():
+        label = f"C{flops:.0e}".replace("e+", "e")
+        for objective, size in sizes.items():
+            rows = [paper_rows[f"{objective}-{size}-{label}-E{e}"]
+                    for e in paper.DATA_VALUE_EPOCHS]
+            for r, epochs in zip(rows, paper.DATA_VALUE_EPOCHS, strict=True):
+                assert r["epochs"] == epochs
+                assert r["unique_tokens"] == pytest.approx(rows[0]["unique_tokens"] / epochs,
+                                                           abs=1)
+                assert r["flops"] == pytest.approx(flops, rel=1e-3)
+    # The study's compute-optimal diffusion model at 1e19 (117M, D = 13.48B; PAPER.md §4.2).
+    assert paper_rows["diffusion-117M-C1e19-E1"]["tokens"] == pytest.approx(13.48e9, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the small grid
+
+
+def test_small_grid_covers_the_design_within_an_hour_of_cpu():
+    grid = load_grid("small")
+    configs = [cfg for _, cfg in grid.runs]
+    assert {c.objective for c in configs} == {"ar", "diffusion"}
+    assert {c.model.name for c in configs} == {"cpu-xs", "cpu-s", "cpu-m"}
+    assert all(c.data.source == "shakespeare" for c in configs)
+    multi = [c for c in configs if c.data.unique_tokens in small.UNIQUE_TOKENS]
+    assert len({c.data.unique_tokens for c in multi}) == 3
+    assert len({c.data.epochs for c in multi}) == 4
+    assert len(multi) == 2 * 3 * 3 * 4
+    # Step 1 of the fit: single-epoch runs at every size over a spread of D.
+    single = [c for c in configs if c.data.epochs == 1]
+    assert {c.model.name for c in single} == {"cpu-xs", "cpu-s", "cpu-m"}
+    assert len({c.data.unique_tokens for c in single}) >= 5
+    seconds = sweep.estimate_cpu_seconds(grid.runs)
+    assert seconds is not None and seconds < 60 * 60
+
+
+def test_small_grid_estimate_is_printed(capsys):
+    assert main(["dvar", "sweep", "list", "--grid=small"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"grid small: {len(small.get_grid())} runs")
+    assert "6ND: C = 6 N D" in out and "+attn: C = 6 N D + 12 L S w D" in out
+    assert "estimated time on a 2-core CPU" in out
+    minutes = int(out.split("one run after another: ")[1].split(" min")[0])
+    assert minutes < 60
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and selecting
+
+
+def test_load_grid_from_a_file_with_bare_configs(tmp_path):
+    f = tmp_path / "mygrid.py"
+    f.write_text("from configs.base import get_config\n"
+                 "def get_grid():\n"
+                 "    c = get_config()\n"
+                 "    c.model.name = 'cpu-xs'\n"
+                 "    return [c]\n")
+    grid = load_grid(str(f))
+    assert grid.label == "mygrid" and [n for n, _ in grid.runs] == ["ar-cpu-xs-U1M-E4"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("x = 1\n", "defines no get_grid()"),
+    ("def get_grid():\n    return []\n", "returned no runs"),
+    ("def get_grid():\n    return [1]\n", "returned a int"),
+    ("from configs.base import get_config\n"
+     "def get_grid():\n    return [('a', get_config()), ('a', get_config())]\n", "appears twice"),
+    ("from configs.base import get_config\n"
+     "def get_grid():\n    return [('a b', get_config())]\n", "is not a folder name"),
+    ("from configs.base import get_config\n"
+     "def get_grid():\n    c = get_config()\n    c.data.epochs = 0.0\n    return [('a', c)]\n",
+     "run a: invalid config: data.epochs=0.0"),
+    ("from configs.base import get_config\n"
+     "def get_grid():\n    c = get_config()\n    c.data.unique_tokens = 1000\n"
+     "    return [('a', c)]\n", "less than one batch"),
+])
+def test_bad_grid_files_are_named(tmp_path, body, message):
+    f = tmp_path / "bad.py"
+    f.write_text(body)
+    with pytest.raises(ValueError) as e:
+        load_grid(str(f))
+    assert message in str(e.value)
+
+
+def test_only_selects_names_and_patterns(paper_grid):
+    assert [n for n, _ in sweep.select(paper_grid, "ar-140M-U100M-E50")] == ["ar-140M-U100M-E50"]
+    picked = sweep.select(paper_grid, "ar-*-U100M-E800,diffusion-7M-U25M-E1")
+    assert len(picked) == len(paper.SIZES) + 1
+    with pytest.raises(ValueError, match="--only='nope' matches no run of grid 'paper'"):
+        sweep.select(paper_grid, "ar-7M-U25M-E1,nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# running a micro grid
+
+
+def micro_config(data_cfg, objective: str, epochs: float):
+    cfg = get_config()
+    cfg.objective = objective
+    cfg.data = data_cfg.copy_and_resolve_references()
+    cfg.model.name = "cpu-xs"
+    cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
+    cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 2_000, float(epochs), 32
+    cfg.data.validation_tokens = 500
+    cfg.train.batch_size, cfg.train.peak_lr, cfg.train.log_every = 8, 3e-3, 5
+    cfg.eval.every_epochs, cfg.eval.num_mc = 1.0, 2
+    return cfg
+
+
+@pytest.fixture
+def micro_grid(text_data_cfg):
+    runs = (("ar-E1", micro_config(text_data_cfg, "ar", 1)),
+            ("ar-E2", micro_config(text_data_cfg, "ar", 2)),
+            ("diffusion-E1", micro_config(text_data_cfg, "diffusion", 1)))
+    return Grid("micro", "micro", runs)
+
+
+@contextmanager
+def _preempted_at_once():
+    """Stands in for train's SIGTERM flag: set from the start, so a run saves after its first
+    step and stops, as a preempted TPU VM's would."""
+    yield [True]
+
+
+@pytest.mark.slow
+def test_run_sweep_trains_records_once_skips_and_resumes(micro_grid, tmp_path, monkeypatch):
+    import dvar_jax.train
+
+    workdir = tmp_path / "sweep"
+    results = workdir / "results.jsonl"
+    names = [n for n, _ in micro_grid.runs]
+
+    # Interrupted: the first run is cut off after one step; the sweep stops there.
+    monkeypatch.setattr(dvar_jax.train, "_sigterm_flag", _preempted_at_once)
+    lines = []
+    r = run_sweep(micro_grid, workdir, log=lines.append)
+    assert r.preempted == "ar-E1" and r.trained == [] and not results.exists()
+    assert (workdir / "ar-E1" / "checkpoints").is_dir()
+    assert not (workdir / "ar-E1" / "summary.json").exists()
+    monkeypatch.undo()
+
+    # --emit-commands: one command per unfinished run, nothing trained.
+    r = run_sweep(micro_grid, workdir, emit_commands=True, override_config={"seed": 1234})
+    assert len(r.commands) == 3
+    for name, line in zip(names, r.commands, strict=True):
+        words = shlex.split(line)
+        assert words[:3] == ["dvar", "sweep", "run"] and f"--only={name}" in words
+        assert f"--workdir={workdir}" in words and "--config.seed=1234" in words
+
+    # The rest: the cut-off run resumes, the others train; one record each.
+    lines = []
+    r = run_sweep(micro_grid, workdir, log=lines.append)
+    assert r.trained == names and r.recorded == names and r.preempted is None
+    assert "[1/3] ar-E1: resuming" in lines and "[2/3] ar-E2: training" in lines
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [rec["name"] for rec in records] == names
+    for rec, (name, cfg) in zip(records, micro_grid.runs, strict=True):
+        summary = json.loads((workdir / name / "summary.json").read_text())
+        assert rec["objective"] == cfg.objective and rec["epochs"] == cfg.data.epochs
+        assert rec["unique_tokens"] == 2_000 and rec["grid"] == "micro"
+        assert rec["tokens"] == summary["tokens"] == sweep.num_steps(cfg) * 8 * 32
+        assert rec["flops"] == pytest.approx(6 * rec["params"] * rec["tokens"], rel=1e-12)
+        assert rec["flops_attention"] > rec["flops"]
+        assert rec["best_val_loss"] == summary["best_val_loss"] <= rec["final_val_loss"]
+        evals = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+        best = min((e for e in evals if e["kind"] == "eval"), key=lambda e: e["val_loss"])
+        assert rec["best_step"] == best["step"]
+
+    # Again: everything is done; nothing trains, nothing is appended.
+    before = results.read_bytes()
+    r = run_sweep(micro_grid, workdir, log=lines.append)
+    assert r.skipped == names and r.trained == r.recorded == []
+    assert results.read_bytes() == before
+    assert run_sweep(micro_grid, workdir, emit_commands=True).commands == []
+
+    # Finished but unrecorded (another results file): recorded without training.
+    other = tmp_path / "other.jsonl"
+    r = run_sweep(micro_grid, workdir, results=other, log=lines.append)
+    assert r.trained == [] and r.recorded == names
+    assert [json.loads(x) for x in other.read_text().splitlines()] == records
+
+    # A changed run-defining key is refused before anything runs.
+    with pytest.raises(ValueError, match=r"holds run ar-E1 with another config .*seed"):
+        run_sweep(micro_grid, workdir, override_config={"seed": 7})
+    assert results.read_bytes() == before
+
+
+def test_a_required_value_left_unset_is_refused(paper_grid, tmp_path):
+    with pytest.raises(ValueError, match=r"grid 'paper' needs a value for data.path .*"
+                                         r"--config.data.path=VALUE"):
+        run_sweep(paper_grid, tmp_path / "w", only="ar-7M-U25M-E1")
+    assert not (tmp_path / "w").exists()
+
+
+_APPENDER = """
+import sys
+from pathlib import Path
+from dvar_jax.sweep import append_once
+path, tag = Path(sys.argv[1]), sys.argv[2]
+for i in range(40):
+    append_once(path, {"name": f"run-{i}", "writer": tag, "pad": "x" * 5000})
+"""
+
+
+def test_concurrent_sweeps_append_each_record_once(tmp_path):
+    path = tmp_path / "results.jsonl"
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), str(k)], cwd=ROOT)
+             for k in range(4)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["name"] for r in records) == sorted(f"run-{i}" for i in range(40))
+
+
+# ------------------------------------------------------------------------------------------------
+# command lines
+
+
+def test_sweep_run_emit_commands_from_the_command_line(tmp_path, capsys):
+    argv = ["dvar", "sweep", "run", "--grid=small", f"--workdir={tmp_path / 'w'}",
+            "--only=ar-cpu-xs-*", "--emit-commands", "--config.train.log_every=7"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = [n for n, _ in small.get_grid() if n.startswith("ar-cpu-xs-")]
+    assert [shlex.split(line)[5] for line in lines] == [f"--only={n}" for n in expected]
+    assert all(line.endswith("--config.train.log_every=7") for line in lines)
+    assert not (tmp_path / "w").exists()
+
+
+def test_sweep_list_applies_overrides(capsys):
+    argv = ["dvar", "sweep", "list", "--grid=small", "--only=ar-cpu-s-U10k-E3",
+            "--config.train.batch_size=8"]
+    assert main(argv) == 0
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("ar-cpu-s-U10k-E3 ")]
+    assert row[5] == "58"  # steps: 3 epochs x 156 windows of 64 tokens / batch 8
+
+
+@pytest.mark.parametrize("sub, words", [
+    (["sweep", "list"], ["--grid", "--only", "--config.KEY=VALUE", "default: required",
+                         "--config.data.path=''"]),
+    (["sweep", "run"], ["--grid", "--workdir", "--only", "--results", "--emit_commands",
+                        "--progress", "WORKDIR/results.jsonl"]),
+    (["fit"], ["--results", "--plots", "--bootstrap", "--tie_alpha_beta", "--loss_key",
+               "default: best_val_loss", "default: 0", "default: False"]),
+    (["plan"], ["--unique_tokens", "--flops", "--laws", "default: prabhudesai2025",
+                "--results"]),
+])
+def test_help_lists_options_and_defaults(sub, words, capsys):
+    assert main(["dvar", *sub, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dvar {' '.join(sub)} [--flags]")
+    for word in words:
+        assert word in out, word
+
+
+def test_sweep_help_lists_the_actions(capsys):
+    assert main(["dvar", "sweep", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dvar sweep ACTION") and "  list " in out and "  run " in out
+
+
+def test_top_level_usage_lists_the_new_subcommands(capsys):
+    assert main(["dvar", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sweep list", "sweep run", "fit", "plan"):
+        assert f"  {name} " in out
+
+
+BAD = [
+    (["sweep"], "dvar sweep: choose an action: list or run"),
+    (["sweep", "frob"], "unknown action 'frob'; choose one of: list, run"),
+    (["sweep", "--grid=small"], "dvar sweep: choose an action: list or run"),
+    (["sweep", "list"], "--grid is required"),
+    (["sweep", "list", "--grid=nope"], "--grid='nope' is not a known grid; allowed: paper, small"),
+    (["sweep", "list", "--grid=no/such.py"], "--grid='no/such.py': no such file"),
+    (["sweep", "list", "--grid=small", "--bogus"], "`dvar sweep list --help` lists the flags"),
+    (["sweep", "list", "--grid=small", "--config=configs/demo.py"],
+     "--config=FILE does not apply here"),
+    (["sweep", "list", "--grid=small", "--only=zzz"], "--only='zzz' matches no run"),
+    (["sweep", "run", "--grid=small"], "--workdir is required"),
+    (["sweep", "run", "--grid=small", "--workdir=W", "--bogus=1"],
+     "Unknown command line flag 'bogus'"),
+    (["sweep", "run", "--grid=small", "--workdir=W", "--config.nosuch=1"],
+     "unknown config key '--config.nosuch'"),
+    (["sweep", "run", "--grid=small", "--workdir=W", "--config.data.epochs=many"],
+     "--config.data.epochs='many' is not a float"),
+    (["sweep", "run", "--grid=small", "--workdir=W", "--emit_commands=maybe"],
+     "--emit_commands"),
+    (["sweep", "run", "--grid=paper", "--workdir=W", "--only=ar-7M-U25M-E1"],
+     "needs a value for data.path"),
+    (["fit"], "--results is required"),
+    (["fit", "--results=/no/such.jsonl"], "--results='/no/such.jsonl': no such file"),
+    (["fit", "--results=R", "--bootstrap=lots"], "flag --bootstrap=lots"),
+    (["fit", "--results=R", "--bootstrap=-1"], "--bootstrap=-1: must be >= 0"),
+    (["fit", "--results=R", "--loss_key=val"], "--loss_key='val': allowed best_val_loss"),
+    (["plan", "--flops=1e20"], "--unique_tokens is required"),
+    (["plan", "--unique_tokens=100M", "--flops=lots"], "--flops='lots' is not a positive number"),
+    (["plan", "--unique-tokens=-5", "--flops=1e20"],
+     "--unique_tokens='-5' is not a positive number"),
+    (["plan", "--unique_tokens=100M", "--flops=0"], "--flops='0' is not a positive number"),
+    (["plan", "--unique_tokens=100M", "--flops=1e20", "--laws=x", "--results=R"],
+     "exclude each other"),
+    (["plan", "--unique_tokens=100M", "--flops=1e20", "--nope"], "dvar plan --help"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_arguments_exit_2_naming_them(argv, message, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"name": "x"}\n')
+    argv = [a.replace("=W", f"={tmp_path / 'w'}").replace("=R", f"={results}") for a in argv]
+    assert main(["dvar", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+    assert not (tmp_path / "w").exists()
+
+
+def test_plan_with_an_unknown_law_set_lists_the_known_ones(capsys):
+    planner = pytest.importorskip("dvar_jax.scaling.planner")
+    assert main(["dvar", "plan", "--unique_tokens=100M", "--flops=1e20", "--laws=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--laws='nope' is not a known law set" in err
+    assert all(name in err for name in planner.LAW_SETS)
+
+
+def test_amounts_take_suffixes():
+    from dvar_jax.cli import _amount
+
+    assert _amount("u", "100M") == 1e8 and _amount("u", "1e20") == 1e20
+    assert _amount("u", "25_000_000") == 25e6 and _amount("u", "2.5k") == 2500
