@@ -68,8 +68,15 @@ def make_law(a: float, b: float, e: float, alpha: float, beta: float, rd_star: f
     """A law dict: the seven constants plus the derived A = e^a, B = e^b, E = e^e and G."""
     law = {"a": a, "b": b, "e": e, "alpha": alpha, "beta": beta, "rd_star": rd_star,
            "rn_star": rn_star}
-    law.update(A=math.exp(a), B=math.exp(b), E=math.exp(e), G=g_constant(law))
+    law.update(A=_exp(a), B=_exp(b), E=_exp(e), G=g_constant(law))
     return {k: float(v) for k, v in law.items()}
+
+
+def _exp(x: float) -> float:
+    # A runaway fit (e.g. untied exponents on too few model sizes) may reach constants whose
+    # exponential overflows: that is inf, reported in the fit's notes, not a crash.
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(x)))
 
 
 def _constants(law: Mapping) -> tuple[float, ...]:
@@ -82,7 +89,9 @@ def _constants(law: Mapping) -> tuple[float, ...]:
 def g_constant(law: Mapping) -> float:
     """G = (alpha A / (beta B))^(1 / (alpha + beta)): N_opt(C) = G (C/6)^(beta/(alpha+beta))."""
     a, b, _, alpha, beta, _, _ = _constants(law)
-    return math.exp((math.log(alpha / beta) + a - b) / (alpha + beta))
+    if alpha <= 0 or beta <= 0:
+        return float("nan")
+    return _exp((math.log(alpha / beta) + a - b) / (alpha + beta))
 
 
 def n_opt(law: Mapping, unique_tokens):
@@ -527,8 +536,8 @@ def format_fits(fits: Mapping[str, Mapping]) -> str:
                      f"  {_with_ci(f, 'rd_star'):<28}{_with_ci(f, 'rn_star'):<28}")
     lines += ["", "constants" + (" (alpha tied to beta)" if any_fit.get("tied_alpha_beta")
                                  else ""),
-              f"{'objective':<12}" + "".join(f"{k:>12}" for k in _CONSTANT_COLUMNS)]
-    for obj, f in fits.items():
-        lines.append(f"{obj:<12}" + "".join(f"{_num(f[k], 6):>12}" for k in _CONSTANT_COLUMNS))
+              f"{'objective':<12}" + "".join(f"{k:>13}" for k in _CONSTANT_COLUMNS)]
+    for obj, f in fits.items():  # a space before every column, however wide a runaway value
+        lines.append(f"{obj:<12}" + "".join(f" {_num(f[k], 6):>12}" for k in _CONSTANT_COLUMNS))
     lines += [f"note ({obj}): {note}" for obj, f in fits.items() for note in f.get("notes", [])]
     return "\n".join(lines)
