@@ -49,7 +49,7 @@ BAD_VALUES = [
     ("model.dtype", "float16"),
     ("data.source", "x"),
     ("data.tokenizer_type", "x"),
-    ("data.epochs", 0),
+    ("data.epochs", 0.0),
     ("data.seq_len", 1),
     ("train.batch_size", 0),
     ("eval.num_mc", 0),
@@ -140,7 +140,7 @@ def test_text_source_without_path_is_named():
 
 def test_several_bad_values_are_all_listed_in_one_error():
     cfg = base.get_config()
-    bad = [("objective", "nope"), ("model.dtype", "float16"), ("data.epochs", 0),
+    bad = [("objective", "nope"), ("model.dtype", "float16"), ("data.epochs", 0.0),
            ("train.batch_size", 0), ("eval.num_mc", 0), ("model.hidden_dropout", 1.0)]
     for key, value in bad:
         _set(cfg, key, value)
