@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from configs.base import get_config
+from configs.tiny import tiny_config
 from dvar_jax.data.pipeline import validation_windows
 from dvar_jax.data.synthetic import write_synthetic_corpus
 from dvar_jax.eval.downstream import Example, multiple_choice, requests
@@ -127,17 +127,7 @@ def train_tiny_runs(folder: Path, objectives: Sequence[str]) -> dict[str, Path]:
         write_synthetic_corpus(corpus)
     runs = {}
     for objective in objectives:
-        cfg = get_config()
-        cfg.objective = objective
-        cfg.data.source, cfg.data.path = "text", str(corpus)
-        cfg.data.validation_fraction, cfg.data.vocab_size = 0.2, 400
-        cfg.data.cache_dir = str(folder / "cache")
-        cfg.model.name = "cpu-xs"
-        cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
-        cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 4_000, 2, 32
-        cfg.data.validation_tokens = 1_000
-        cfg.train.batch_size, cfg.train.peak_lr = 8, 3e-3
-        cfg.eval.every_epochs, cfg.eval.num_mc = 1.0, 4
+        cfg = tiny_config(objective, str(corpus), str(folder / "cache"))
         runs[objective] = folder / objective
         train(cfg, runs[objective], progress=False)
     return runs

@@ -10,6 +10,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import pytest
 
 from configs.base import get_config
+from configs.tiny import tiny_config
 from dvar_jax.data import synthetic
 
 
@@ -59,15 +60,7 @@ def trained_runs(text_data_cfg, tmp_path_factory) -> dict:
 
     runs = {}
     for objective in ("ar", "diffusion"):
-        cfg = get_config()
-        cfg.objective = objective
-        cfg.data = text_data_cfg.copy_and_resolve_references()  # the session's copy stays as is
-        cfg.model.name = "cpu-xs"
-        cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
-        cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 4_000, 2, 32
-        cfg.data.validation_tokens = 1_000
-        cfg.train.batch_size, cfg.train.peak_lr = 8, 3e-3
-        cfg.eval.every_epochs, cfg.eval.num_mc = 1.0, 4
+        cfg = tiny_config(objective, text_data_cfg.path, text_data_cfg.cache_dir)
         workdir = tmp_path_factory.mktemp(f"trained_{objective}")
         train(cfg, workdir, progress=False)
         runs[objective] = workdir

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from configs import base, demo
+from configs import base, demo, tiny
 from dvar_jax.config import model_dims, transformer_config, validate_config
 from dvar_jax.model.transformer import TransformerConfig
 
@@ -25,9 +25,11 @@ def _set(cfg, dotted: str, value):
 
 
 def test_base_and_demo_configs_are_valid():
-    """The shipped configs pass validation and give a model config."""
-    for module in (base, demo):
+    """The shipped configs pass validation and give a model config (tiny with a corpus path)."""
+    for module in (base, demo, tiny):
         cfg = module.get_config()
+        if module is tiny:
+            cfg.data.path = "corpus"
         validate_config(cfg)
         assert isinstance(transformer_config(cfg, 4096), TransformerConfig)
 
