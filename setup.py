@@ -38,7 +38,9 @@ setup(
     packages=find_packages(include=["dvar_jax", "dvar_jax.*", "configs", "configs.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest>=8,<10", "ruff>=0.6"],
+        # nbclient/nbformat/ipykernel: tests/test_notebooks.py runs colab/*.ipynb top to bottom.
+        "dev": ["pytest>=8,<10", "ruff>=0.6", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
+                "ipykernel>=6.29,<8"],
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
         # compile for a TPU topology on a CPU-only machine. Same range as jax above.

@@ -9,8 +9,9 @@ from ml_collections import ConfigDict, config_dict
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    # "ar" (next-token prediction, causal attention) or "diffusion" (masked diffusion,
-    # bidirectional attention). The objective decides the attention mask.
+    # "ar" (next-token prediction, causal attention), "diffusion" (masked diffusion,
+    # bidirectional attention) or "block_diffusion" (AR over blocks, diffusion within each;
+    # see block_diffusion below). The objective decides the attention mask.
     c.objective = "ar"
     # Seed for parameter init, data order, masking and dropout (Megatron default 1234).
     c.seed = 1234
@@ -33,13 +34,36 @@ def get_config() -> ConfigDict:
     # "xla" (reference), "pallas" (our flash attention kernel) or "splash" (JAX's TPU splash
     # kernel); both kernels need attention_dropout = 0 and run in interpret mode on CPU.
     c.model.attention_impl = "xla"
-    c.model.attention_block_q = 128  # pallas kernel blocks: multiples of 8 (TPU: of 128)
-    c.model.attention_block_k = 128
+    c.model.attention_block_q = 128  # pallas query block: a multiple of 8 (TPU: of 128)
+    c.model.attention_block_k = 128  # pallas key block: a multiple of 8 (TPU: of 128)
     # Output layer + cross-entropy: "xla" (full [batch, seq, vocab] logits), "chunked" (pure JAX
     # over vocabulary blocks) or "pallas" (fused kernel); the last two never build the logits.
     c.model.loss_impl = "xla"
     c.model.loss_block_t = 256  # pallas token block: a multiple of 8
     c.model.loss_block_v = 512  # vocabulary block (chunked and pallas): a multiple of 8
+
+    # The study's AR ablations (PAPER.md §8); objective="ar" only. The defaults are plain AR.
+    # Attention dropout, the third, is model.attention_dropout.
+    c.ar = ConfigDict()
+    # Token masking (the study's randmask): each query position is selected with this
+    # probability; a selected query draws t ~ U(1e-3, 1) and blocks each earlier key with
+    # probability t (diagonal kept). 0 = off. Needs model.attention_impl="xla".
+    c.ar.randmask_ratio = 0.0
+    # N token orders fixed before training from `seed`; each sequence trains in one chosen
+    # uniformly (inputs keep their RoPE positions, labels are the next token in that order).
+    # 1 = left to right. Evaluation is always left to right.
+    c.ar.num_orders = 1
+    # How orders 1..N-1 are drawn: "local" (the study's noisy local perturbations,
+    # argsort(arange(L) + N(0, i^2))) or "random" (uniform permutations).
+    c.ar.order_kind = "local"
+    # sigma-GPT variant: tell the model which position comes next (a learned target-position
+    # embedding added to the input). The study's ablation does not (False).
+    c.ar.target_positions = False
+
+    # Block diffusion (Arriola et al., ICLR 2025); objective="block_diffusion" only.
+    c.block_diffusion = ConfigDict()
+    # Tokens per block, dividing data.seq_len: 1 is AR-like, seq_len is masked diffusion.
+    c.block_diffusion.block_size = 16
 
     c.data = ConfigDict()
     # "shakespeare": the embedded default corpus (DATA.md §1).
@@ -53,12 +77,12 @@ def get_config() -> ConfigDict:
     c.data.unique_tokens = 1_000_000
     # E: passes over those U tokens (the learning-rate schedule stretches with E).
     c.data.epochs = 4.0
-    c.data.seq_len = 128
+    c.data.seq_len = 128  # tokens per training sequence (windows of seq_len + 1)
     # Validation tokens used (the first ones of the fixed validation stream); 0 = all.
     c.data.validation_tokens = 0
     # SentencePiece model to use; "" = train one on the train split (DATA.md §2).
     c.data.tokenizer_path = ""
-    c.data.vocab_size = 4096
+    c.data.vocab_size = 4096  # SentencePiece vocabulary size when training one
     c.data.tokenizer_type = "unigram"  # "unigram" | "bpe"
     # Where the corpus, tokenizer and token arrays are cached; "" = $DVAR_CACHE or
     # ~/.cache/dvar_jax.
@@ -66,13 +90,13 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.batch_size = 32  # global batch, in sequences
-    c.train.peak_lr = 2e-4
+    c.train.peak_lr = 2e-4  # AdamW learning rate after warmup
     c.train.min_lr_ratio = 0.1  # cosine decays to peak_lr * min_lr_ratio over the whole run
     c.train.warmup_fraction = 0.01  # of all steps
     c.train.weight_decay = 0.1  # on parameters with ndim >= 2 only
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.eps = 1e-8
+    c.train.b1 = 0.9  # AdamW beta1
+    c.train.b2 = 0.95  # AdamW beta2
+    c.train.eps = 1e-8  # AdamW epsilon
     c.train.grad_clip = 1.0  # global norm
     c.train.log_every = 10  # steps
     # A non-finite loss or gradient norm stops the run (naming the step and the last good
@@ -109,7 +133,7 @@ def get_config() -> ConfigDict:
 
     c.eval = ConfigDict()
     c.eval.every_epochs = 1.0  # validation cadence, in (fractional) epochs
-    c.eval.batch_size = 32
+    c.eval.batch_size = 32  # validation sequences per batch
     # Diffusion validation: K mask draws per sequence at stratified t (PAPER.md §5.1).
     c.eval.num_mc = 8
     c.eval.seed = 0  # fixed, so curves are comparable across runs

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # The config keys whose change changes the run (model, objective, data, optimisation, seed);
 # mesh, logging, evaluation and checkpoint cadence may change between restarts.
-RUN_DEFINING = ("objective", "seed", "model.", "data.", "train.")
+RUN_DEFINING = ("objective", "seed", "model.", "data.", "train.", "ar.", "block_diffusion.")
 NOT_RUN_DEFINING = ("data.cache_dir", "train.log_every")
 
 

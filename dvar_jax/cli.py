@@ -123,32 +123,49 @@ def _flag_error_message(message: str, argv: list[str], sub: Subcommand) -> str:
     return message
 
 
-def _config_lines(cfg: ConfigDict, prefix: str = "") -> list[str]:
-    lines = []
-    for key, value in cfg.items():
-        if isinstance(value, ConfigDict):
-            lines += _config_lines(value, f"{prefix}{key}.")
-        else:
-            lines.append(f"  --config.{prefix}{key}={value!r}")
-    return lines
+def _config_lines(cfg: ConfigDict) -> list[str]:
+    """One line per config key: `--config.KEY=DEFAULT: description`, in configs/base.py's order,
+    the descriptions from base.py's comments (the same as docs/config.md)."""
+    from dvar_jax.config_reference import descriptions
+
+    def leaves(node: ConfigDict, prefix: str = "") -> dict[str, object]:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, ConfigDict):
+                out |= leaves(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    values = leaves(cfg)
+    about = descriptions()
+    order = [k for k in about if k in values] + [k for k in values if k not in about]
+    return [f"  --config.{k}={values[k]!r}: {about.get(k) or '(no description in base.py)'}"
+            for k in order]
 
 
 def _help(name: str, sub: Subcommand) -> str:
+    """`dvar NAME --help`: every flag the subcommand registers with its help and default, then
+    (for commands that start from a config file) every config key with its default and its
+    description."""
     fv = _flag_values([f"dvar {name}"], sub)
     fv([f"dvar {name}"])
     text = [f"usage: dvar {name} [--flags]", "", sub.summary, "", "flags:"]
-    names = (["config"] * (sub.default_config is not None) + [f[0] for f in sub.options]
-             + ["progress"] * sub.progress_flag)
-    for flag in (fv[n] for n in names):
+    for flag in (fv[n] for n in fv):  # every registered flag, in definition order
         if flag.name == "config" and sub.overrides_help:
             text.append(f"  --config.KEY=VALUE: {sub.overrides_help} (default: none)")
             continue
+        help_text = flag.help.rstrip(".")
+        if "(default:" in help_text:  # the help says what the default means (e.g. --progress)
+            text.append(f"  --{flag.name}: {help_text}")
+            continue
         default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
-        default = "required" if default is None and flag.name != "progress" else default
-        text.append(f"  --{flag.name}: {flag.help} (default: {default})")
+        default = "required" if default is None else default
+        text.append(f"  --{flag.name}: {help_text} (default: {default})")
     if sub.default_config is None:
         return "\n".join(text)
-    text += ["", f"config keys and their defaults in configs/{sub.default_config}:"]
+    text += ["", f"config keys (--config.KEY=VALUE), their defaults in "
+                 f"configs/{sub.default_config} and what they do (docs/config.md):"]
     return "\n".join(text + _config_lines(fv.config))
 
 
@@ -310,6 +327,19 @@ def _run_fit(fv: flags.FlagValues) -> int:
     return 0
 
 
+def _run_curves(fv: flags.FlagValues) -> int:
+    from dvar_jax.curves import format_curves, plot_curves, read_curves
+
+    try:
+        curves = read_curves(fv.workdir, fv.only)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(format_curves(curves))
+    out = Path(fv.out) if fv.out else Path(fv.workdir) / "curves.png"
+    print(f"wrote {plot_curves(curves, out, title=Path(fv.workdir).name)}")
+    return 0
+
+
 def _run_plan(fv: flags.FlagValues) -> int:
     unique_tokens = _amount("unique_tokens", fv.unique_tokens)
     flops = _amount("flops", fv.flops)
@@ -329,8 +359,9 @@ def _run_plan(fv: flags.FlagValues) -> int:
     return 0
 
 
-_GRID_FLAG = ("grid", None, "a grid in configs/grids/ (small, paper) or a path to a .py file "
-                            "defining get_grid()")
+_GRID_FLAG = ("grid", None, "a grid: small, paper, ablations/NAME or ablations/NAME-cpu "
+                            "(NAME: attention_dropout, token_masking, orderings, "
+                            "block_diffusion), or a path to a .py file defining get_grid()")
 _ONLY_FLAG = ("only", "", "comma-separated run names or shell patterns, e.g. 'ar-*-U100M-*' "
                           "(empty = every run)")
 _OVERRIDES_HELP = ("override a config key of every run, e.g. --config.data.path=DIR (keys and "
@@ -340,7 +371,8 @@ _CHECKPOINT_FLAG = ("checkpoint", "best", "best (lowest validation loss), latest
 
 SUBCOMMANDS = {
     "train": Subcommand(
-        "Train one model (objective ar or diffusion) as the config says.", "base.py",
+        "Train one model (objective ar, diffusion or block_diffusion; AR ablations via ar.*) "
+        "as the config says.", "base.py",
         _run_train, (("workdir", None,
                       "run folder for config.json, metrics.jsonl, summary.json, tb/ and "
                       "checkpoints/; an existing one is resumed"),
@@ -416,6 +448,13 @@ SUBCOMMANDS = {
          ("tie_alpha_beta", False, "fit one exponent for N and D (alpha = beta), as Muennighoff"),
          ("loss_key", "best_val_loss", "the loss fitted: best_val_loss or final_val_loss"),
          ("seed", 0, "seed of the bootstrap resamples")), progress_flag=False, dashed_flags=True),
+    "curves": Subcommand(
+        "Plot validation loss against epochs for every run of a sweep folder (the study's "
+        "ablation figures) and print each run's best and last validation loss.", None,
+        _run_curves,
+        (("workdir", None, "a sweep folder of run folders (dvar sweep run --workdir=...)"),
+         ("out", "", "PNG to write (empty = WORKDIR/curves.png)"),
+         _ONLY_FLAG), progress_flag=False, dashed_flags=True),
     "plan": Subcommand(
         "AR or diffusion? For U unique tokens and C FLOPs: the objective with the lower predicted "
         "loss, its model size and epochs, both predicted losses, and C_crit(U).", None, _run_plan,

@@ -10,7 +10,8 @@ from configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.output import LOSS_IMPLS
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
-from dvar_jax.objectives import OBJECTIVES
+from dvar_jax.objectives import OBJECTIVE_NAMES
+from dvar_jax.objectives.orderings import ORDER_KINDS
 from dvar_jax.sharding import rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
@@ -65,8 +66,9 @@ def validate_config(cfg: ConfigDict) -> None:
         if not ok:
             problems.append(message)
 
-    check(cfg.objective in OBJECTIVES,
-          f"objective={cfg.objective!r}: allowed {', '.join(sorted(OBJECTIVES))}")
+    check(cfg.objective in OBJECTIVE_NAMES,
+          f"objective={cfg.objective!r}: allowed {', '.join(OBJECTIVE_NAMES)}")
+    _check_ablations(cfg, check)
     try:
         dims = model_dims(cfg.model)
         for k, v in dims.items():
@@ -148,11 +150,40 @@ def validate_config(cfg: ConfigDict) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def _check_ablations(cfg: ConfigDict, check) -> None:
+    """The AR ablation options (cfg.ar) and block diffusion's block size (PAPER.md §8)."""
+    a, is_ar = cfg.ar, cfg.objective == "ar"
+    check(0.0 <= a.randmask_ratio <= 1.0,
+          f"ar.randmask_ratio={a.randmask_ratio}: must be in [0, 1] (0 = no token masking)")
+    check(a.num_orders >= 1, f"ar.num_orders={a.num_orders}: must be >= 1 (1 = left to right)")
+    check(a.order_kind in ORDER_KINDS,
+          f"ar.order_kind={a.order_kind!r}: allowed {', '.join(ORDER_KINDS)}")
+    used = [k for k, plain in (("randmask_ratio", 0.0), ("num_orders", 1),
+                               ("target_positions", False)) if a[k] != plain]
+    check(is_ar or not used, f"ar.{', ar.'.join(used)} set with objective={cfg.objective!r}: "
+          "the ar.* options apply to objective='ar' only")
+    check(a.randmask_ratio == 0 or cfg.model.attention_impl == "xla",
+          f"ar.randmask_ratio={a.randmask_ratio} needs model.attention_impl='xla' (a dense "
+          f"per-sequence mask), got {cfg.model.attention_impl!r}")
+    if cfg.objective == "block_diffusion":
+        b = cfg.block_diffusion.block_size
+        check(b >= 1 and cfg.data.seq_len % b == 0,
+              f"block_diffusion.block_size={b}: must be >= 1 and divide data.seq_len="
+              f"{cfg.data.seq_len}")
+        check(cfg.model.attention_impl in ("xla", "pallas"),
+              f"model.attention_impl={cfg.model.attention_impl!r}: block diffusion allows "
+              "xla, pallas")
+
+
 def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int) -> TransformerConfig:
     """The model of this run; the objective decides the attention mask."""
+    block_diffusion = cfg.objective == "block_diffusion"
     return TransformerConfig(
         vocab_size=padded_vocab_size(tokenizer_vocab_size),
-        causal=OBJECTIVES[cfg.objective].causal,
+        causal=cfg.objective == "ar",
+        diffusion_block=cfg.block_diffusion.block_size if block_diffusion else 0,
+        # Targets sit at positions 1..seq_len: one row more than the sequence.
+        target_positions=cfg.data.seq_len + 1 if cfg.ar.target_positions else 0,
         attention_dropout=cfg.model.attention_dropout,
         hidden_dropout=cfg.model.hidden_dropout,
         dtype=cfg.model.dtype,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dvar_jax.config import transformer_config, validate_config
-from dvar_jax.objectives import get_objective
+from dvar_jax.objectives import objective_from_config
 from dvar_jax.scaling.flops import matmul_flops_per_token
 from dvar_jax.sharding import make_mesh, rules_from_config
 from dvar_jax.train import make_optimizer, make_train_step, plan_train_state
@@ -76,7 +76,7 @@ def plan_memory(cfg: ConfigDict, devices: list) -> dict:
     validate_config(cfg)
     mesh = make_mesh(cfg.mesh, devices)
     rules = rules_from_config(cfg.mesh.rules)
-    objective = get_objective(cfg.objective)
+    objective = objective_from_config(cfg)
     model_cfg = transformer_config(cfg, cfg.data.vocab_size)
     tx = make_optimizer(cfg.train, num_steps=1000)
     graphdef, init, placement = plan_train_state(model_cfg, tx, cfg.seed, mesh, rules)

@@ -27,6 +27,9 @@ from ml_collections import ConfigDict
 from configs.grids import run_name, unset_required
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "configs" / "grids"
+ABLATIONS_DIR = GRIDS_DIR.parent / "ablations"
+ABLATIONS_PREFIX = "ablations/"
+CPU_SUFFIX = "-cpu"
 RESULTS_NAME = "results.jsonl"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
@@ -54,9 +57,34 @@ class Grid:
 # loading grids
 
 
+def _modules(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
 def grid_names() -> list[str]:
-    """The grids shipped in configs/grids/ (modules with get_grid)."""
-    return sorted(p.stem for p in GRIDS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    """The grids shipped: configs/grids/NAME, and configs/ablations/NAME as `ablations/NAME`
+    (the study's scale) and `ablations/NAME-cpu` (its CPU-sized variant)."""
+    ablations = [f"{ABLATIONS_PREFIX}{stem}{suffix}" for stem in _modules(ABLATIONS_DIR)
+                 for suffix in ("", CPU_SUFFIX)]
+    return _modules(GRIDS_DIR) + ablations
+
+
+def _grid_runs(spec: str) -> list:
+    """get_grid() of the module a --grid value names (see `grid_names`, or a .py file path)."""
+    if spec.startswith(ABLATIONS_PREFIX) and not spec.endswith(".py"):
+        if spec not in grid_names():
+            raise ValueError(f"--grid={spec!r} is not a known grid; allowed: "
+                             f"{', '.join(grid_names())}, or a path to a .py file defining "
+                             "get_grid()")
+        stem = spec.removeprefix(ABLATIONS_PREFIX)
+        cpu = stem.endswith(CPU_SUFFIX)
+        module = importlib.import_module(f"configs.ablations.{stem.removesuffix(CPU_SUFFIX)}")
+        return module.get_grid(cpu=cpu)
+    module = _grid_module(spec)
+    if not callable(getattr(module, "get_grid", None)):
+        raise ValueError(f"--grid={spec!r} defines no get_grid(); a grid module defines "
+                         "get_grid() -> list of (name, ConfigDict)")
+    return module.get_grid()
 
 
 def _grid_module(spec: str):
@@ -93,11 +121,7 @@ def load_grid(spec: str) -> Grid:
     at least one train step. ValueError naming the first bad run."""
     from dvar_jax.config import validate_config
 
-    module = _grid_module(spec)
-    if not callable(getattr(module, "get_grid", None)):
-        raise ValueError(f"--grid={spec!r} defines no get_grid(); a grid module defines "
-                         "get_grid() -> list of (name, ConfigDict)")
-    runs = [_named(e, spec) for e in module.get_grid()]
+    runs = [_named(e, spec) for e in _grid_runs(spec)]
     if not runs:
         raise ValueError(f"--grid={spec!r}: get_grid() returned no runs")
     seen: set[str] = set()
@@ -116,7 +140,7 @@ def load_grid(spec: str) -> Grid:
             raise ValueError(f"grid {spec!r}, run {name}: data.epochs={cfg.data.epochs} over "
                              f"data.unique_tokens={cfg.data.unique_tokens} is less than one batch "
                              f"of train.batch_size={cfg.train.batch_size}")
-    label = Path(spec).stem if spec.endswith(".py") else spec
+    label = Path(spec).stem if spec.endswith(".py") else spec.removeprefix(ABLATIONS_PREFIX)
     return Grid(spec, label, tuple(runs))
 
 
@@ -183,15 +207,17 @@ def list_runs(grid: Grid | list[tuple[str, ConfigDict]]) -> list[dict[str, Any]]
 
 def cpu_seconds(cfg: ConfigDict) -> float | None:
     """Estimated wall time of a run on a 2-core CPU, or None for sizes never measured there."""
-    rate = CPU_TOKENS_PER_S.get((cfg.model.name, cfg.objective))
+    block_diffusion = cfg.objective == "block_diffusion"
+    rate = CPU_TOKENS_PER_S.get((cfg.model.name, "diffusion" if block_diffusion else cfg.objective))
     if rate is None:
         return None
+    if block_diffusion:  # not measured: its layers run over [noisy; clean], twice the tokens
+        rate /= 2
     steps = num_steps(cfg)
     windows = (cfg.data.unique_tokens - 1) // cfg.data.seq_len
     eval_every = max(1, round(cfg.eval.every_epochs * windows / cfg.train.batch_size))
     evals = 1 + steps // eval_every + (steps % eval_every > 0)
-    eval_tokens = cfg.data.validation_tokens * (cfg.eval.num_mc if cfg.objective == "diffusion"
-                                                else 1)
+    eval_tokens = cfg.data.validation_tokens * (1 if cfg.objective == "ar" else cfg.eval.num_mc)
     train_tokens = steps * cfg.train.batch_size * cfg.data.seq_len
     return RUN_OVERHEAD_S + train_tokens / rate + evals * eval_tokens / (rate * EVAL_SPEEDUP)
 

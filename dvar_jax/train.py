@@ -6,6 +6,7 @@ I/O (metrics, progress, TensorBoard) stays in `train`, the loop at the edge.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from dvar_jax.data.corpus import write_atomically as _write_bytes_atomically
 from dvar_jax.data.pipeline import TrainBatches, load_token_streams, validation_windows
 from dvar_jax.metrics import MetricsWriter, keep_metrics_through, read_metrics
 from dvar_jax.model.transformer import Transformer, TransformerConfig
-from dvar_jax.objectives import Objective, get_objective
+from dvar_jax.objectives import Objective, objective_from_config
 from dvar_jax.perf import measure_matmul_peak
 from dvar_jax.scaling.flops import matmul_flops_per_token, paper_param_count, training_flops
 from dvar_jax.sharding import (
@@ -218,6 +219,13 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient norm; nothing of that state was saved."""
 
 
+@functools.cache
+def _matmul_peak() -> float:
+    """The MFU denominator, measured once per process (about 1 s): every run of a sweep or a
+    test session reports MFU against the same peak."""
+    return measure_matmul_peak()
+
+
 def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None,
           override: bool = False) -> RunSummary:
     """Trains one model as `cfg` says into workdir (config.json, metrics.jsonl, summary.json,
@@ -312,7 +320,7 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
     batches = TrainBatches.from_config(cfg, streams.train)
     val_windows = validation_windows(streams.validation, cfg.data.seq_len,
                                      cfg.data.validation_tokens)
-    objective = get_objective(cfg.objective)
+    objective = objective_from_config(cfg)
     model_cfg = transformer_config(cfg, streams.tokenizer.vocab_size)
     mask_id = streams.tokenizer.vocab_size
     num_steps = batches.num_steps
@@ -326,7 +334,7 @@ def _train_loop(cfg: ConfigDict, workdir: Path, mesh: Mesh, rules: LogicalRules,
     n_params = paper_param_count(model_cfg.d_model, model_cfg.n_layers,
                                  streams.tokenizer.vocab_size)
     flops_per_token = matmul_flops_per_token(model_cfg, cfg.data.seq_len)
-    peak = measure_matmul_peak()
+    peak = _matmul_peak()
     tokens_per_step = batches.tokens_per_step
     eval_every = max(1, round(cfg.eval.every_epochs * batches.num_windows / cfg.train.batch_size))
     save_every = cfg.checkpoint.every_steps or eval_every

@@ -107,6 +107,21 @@ def test_flash_attention_pads_seq_not_divisible_by_blocks(causal):
         q, k, v, do, rel=1e-5)
 
 
+@pytest.mark.parametrize(("block", "seq"), [(4, 64), (8, 80)])
+def test_flash_attention_block_diffusion_mask(block, seq):
+    """Block diffusion's [noisy; clean] mask as a kernel mask kind equals the XLA path's (which
+    test_model checks against the rule written out by position), also when seq is padded (80
+    with blocks 32: half 40, blocks straddle tiles and halves)."""
+    q, k, v, do = _qkv(seq, seed=3)
+    _assert_attention_matches(
+        lambda q, k, v: flash_attention(q, k, v, causal=False, diffusion_block=block,
+                                        block_q=32, block_k=32),
+        lambda q, k, v: dot_product_attention(q, k, v, causal=False, diffusion_block=block),
+        q, k, v, do, rel=1e-5)
+    with pytest.raises(ValueError, match="diffusion_block=4 needs causal=False"):
+        flash_attention(q, k, v, causal=True, diffusion_block=4)
+
+
 def test_block_planning_and_bad_blocks():
     assert plan_blocks(40, 128, 128) == (40, 40, 40)  # blocks shrink to a short sequence
     assert plan_blocks(72, 128, 64) == (128, 64, 128)
@@ -192,6 +207,14 @@ def test_flash_attention_compiles_for_tpu(tpu_device, causal, segments):
         fn = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False)
         specs = (QKV_SPEC,) * 3
     _assert_compiled_kernels(_compile_for_tpu(_attention_grads(fn), tpu_device, *specs), 3)
+
+
+@needs_libtpu
+def test_block_diffusion_flash_attention_compiles_for_tpu(tpu_device):
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=False, diffusion_block=16,
+                                         interpret=False)
+    _assert_compiled_kernels(_compile_for_tpu(_attention_grads(fn), tpu_device, *(QKV_SPEC,) * 3),
+                             3)
 
 
 @needs_libtpu

@@ -86,8 +86,11 @@ def ref_rope(x, positions, theta=1e4):
     return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def ref_attention(q, k, v, causal):
-    """Plain softmax attention, one head and one batch row at a time, in float64."""
+def ref_attention(q, k, v, causal, allowed=None):
+    """Plain softmax attention, one head and one batch row at a time, in float64.
+
+    allowed: optional [batch, seq, seq] bool, True where a query may attend a key (AND causal).
+    """
     batch, seq, heads, head_dim = q.shape
     out = np.zeros_like(q)
     for b in range(batch):
@@ -96,6 +99,8 @@ def ref_attention(q, k, v, causal):
             if causal:
                 scores = np.where(np.arange(seq)[None, :] > np.arange(seq)[:, None], -np.inf,
                                   scores)
+            if allowed is not None:
+                scores = np.where(allowed[b], scores, -np.inf)
             scores = scores - scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
@@ -103,15 +108,20 @@ def ref_attention(q, k, v, causal):
     return out
 
 
-def ref_forward(p, cfg: TransformerConfig, tokens, positions=None, eps=1e-5, theta=1e4):
+def ref_forward(p, cfg: TransformerConfig, tokens, positions=None, eps=1e-5, theta=1e4,
+                allowed=None, target_positions=None):
     """Logits [batch, seq, vocab] of the pre-norm Llama-style model, float64. Only the mask
-    and head shapes come from `cfg`; eps and theta are the study's constants, given here."""
+    and head shapes come from `cfg`; eps and theta are the study's constants, given here.
+    allowed: an extra [batch, seq, seq] attention mask; target_positions: [batch, seq] rows of
+    the target-position table added to the input embeddings."""
     batch, seq = tokens.shape
     if positions is None:
         positions = np.broadcast_to(np.arange(seq), (batch, seq))
     width, h_f = cfg.n_heads * cfg.head_dim, p[("blocks", 0, "mlp_out", "kernel")].shape[0]
     emb = p[("embed", "embedding")]
     x = emb[np.asarray(tokens)]
+    if target_positions is not None:
+        x = x + p[("target_embed", "embedding")][np.asarray(target_positions)]
     for layer in range(cfg.n_layers):
         w = lambda name, layer=layer: p[("blocks", layer, name, "kernel")]
         h = ref_rmsnorm(x, p[("blocks", layer, "attn_norm", "scale")], eps)
@@ -119,7 +129,7 @@ def ref_forward(p, cfg: TransformerConfig, tokens, positions=None, eps=1e-5, the
         q, k, v = (qkv[..., i * width:(i + 1) * width].reshape(batch, seq, cfg.n_heads,
                                                                cfg.head_dim) for i in range(3))
         q, k = ref_rope(q, positions, theta), ref_rope(k, positions, theta)
-        attn = ref_attention(q, k, v, cfg.causal).reshape(batch, seq, width)
+        attn = ref_attention(q, k, v, cfg.causal, allowed).reshape(batch, seq, width)
         x = x + attn @ w("attn_out")
         h = ref_rmsnorm(x, p[("blocks", layer, "mlp_norm", "scale")], eps)
         up = h @ w("mlp_in")
@@ -170,6 +180,78 @@ def test_forward_with_permuted_positions_matches_reference(tokens):
     ref = ref_forward(flat_params(model), model.cfg, np.asarray(tokens), positions)
     _assert_close_to_ref(out, ref)
     assert np.abs(np.asarray(out) - np.asarray(default)).max() > 1e-2
+
+
+def _forward_with(model, tokens, **kwargs):
+    """Logits of `model` through hidden_states with extra inputs (mask, target positions)."""
+    h = model.hidden_states(model.embed(tokens), kwargs.pop("positions", None), **kwargs)
+    return model.embed.attend(h)
+
+
+def test_attention_mask_input_matches_reference(tokens):
+    """An extra per-sequence attention mask (AR token masking) is AND-ed with the causal mask
+    in every layer: the model equals the float64 reference with that mask; the diagonal is
+    kept so every query has a key."""
+    model = _random_model(causal=True)
+    rng = np.random.default_rng(5)
+    allowed = rng.random((2, SEQ, SEQ)) < 0.5
+    allowed[:, np.arange(SEQ), np.arange(SEQ)] = True
+    with full_f32_matmuls():
+        out = _forward_with(model, tokens, attention_mask=jnp.asarray(allowed))
+    ref = ref_forward(flat_params(model), model.cfg, np.asarray(tokens), allowed=allowed)
+    _assert_close_to_ref(out, ref)
+    assert np.abs(ref - ref_forward(flat_params(model), model.cfg, np.asarray(tokens))).max() > 1e-2
+
+
+def _block_diffusion_allowed_by_rule(half: int, block: int) -> np.ndarray:
+    """Block diffusion's mask written out position by position: [2 half, 2 half] bool."""
+    allowed = np.zeros((2 * half, 2 * half), bool)
+    for q in range(2 * half):
+        for k in range(2 * half):
+            q_noisy, k_noisy = q < half, k < half
+            qb, kb = (q % half) // block, (k % half) // block
+            if q_noisy:  # noisy: own noisy block, clean earlier blocks
+                allowed[q, k] = qb == kb if k_noisy else kb < qb
+            else:  # clean: clean blocks up to its own
+                allowed[q, k] = (not k_noisy) and kb <= qb
+    return allowed
+
+
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_block_diffusion_model_matches_reference(tokens, block):
+    """diffusion_block=B on a [noisy; clean] input of 2 * SEQ tokens (positions 0..SEQ-1 twice):
+    the model equals the bidirectional float64 reference under the block mask written out by
+    rule, and the mask predicate of model/masks.py equals that rule."""
+    from dvar_jax.model.masks import block_diffusion_mask
+
+    rule = _block_diffusion_allowed_by_rule(SEQ // 2, block)
+    np.testing.assert_array_equal(np.asarray(block_diffusion_mask(SEQ, block)), rule)
+    model = Transformer(tiny_cfg(causal=False, diffusion_block=block), rngs=nnx.Rngs(0))
+    randomize_params(model)
+    positions = np.tile(np.arange(SEQ // 2), 2)[None].repeat(2, 0)
+    with full_f32_matmuls():
+        out = _forward_with(model, tokens, positions=jnp.asarray(positions))
+    ref = ref_forward(flat_params(model), model.cfg, np.asarray(tokens),
+                      positions, allowed=np.broadcast_to(rule, (2, SEQ, SEQ)))
+    _assert_close_to_ref(out, ref)
+
+
+def test_target_position_table_matches_reference(tokens):
+    """target_positions=T adds a learned [T, d_model] row per input (the position it predicts);
+    left out, the rows 1..seq (left to right) are used."""
+    model = Transformer(tiny_cfg(target_positions=SEQ + 1), rngs=nnx.Rngs(0))
+    randomize_params(model)
+    p = flat_params(model)
+    assert p[("target_embed", "embedding")].shape == (SEQ + 1, TINY["d_model"])
+    targets = np.stack([np.random.default_rng(b).permutation(SEQ) + 1 for b in range(2)])
+    with full_f32_matmuls():
+        out = _forward_with(model, tokens, target_positions=jnp.asarray(targets))
+        default = _forward_with(model, tokens)
+    _assert_close_to_ref(out, ref_forward(p, model.cfg, np.asarray(tokens),
+                                          target_positions=targets))
+    left_to_right = np.broadcast_to(np.arange(1, SEQ + 1), (2, SEQ))
+    _assert_close_to_ref(default, ref_forward(p, model.cfg, np.asarray(tokens),
+                                              target_positions=left_to_right))
 
 
 def test_rmsnorm_epsilon_is_1e_minus_5(tokens):

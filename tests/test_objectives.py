@@ -341,3 +341,4 @@ def test_get_objective_registry():
     with pytest.raises(ValueError, match="nope") as err:
         get_objective("nope")
     assert "'ar'" in str(err.value) and "'diffusion'" in str(err.value)
+    assert "'block_diffusion'" in str(err.value)

@@ -406,3 +406,52 @@ def test_amounts_take_suffixes():
 
     assert _amount("u", "100M") == 1e8 and _amount("u", "1e20") == 1e20
     assert _amount("u", "25_000_000") == 25e6 and _amount("u", "2.5k") == 2500
+
+
+# ------------------------------------------------------------------------------------------------
+# the ablation grids (configs/ablations/)
+
+
+@pytest.mark.parametrize("cpu", [False, True], ids=["study", "cpu"])
+def test_ablation_grids_set_the_studys_options(cpu):
+    """Each ablation grid loads by name (`ablations/NAME`, `-cpu`), trains its setting on one
+    shared run (same size, U and epochs) plus the plain references, and sets exactly the
+    option its name says. The study's: AR 140M x 50 epochs of 100M (orderings: 278M x 100)."""
+    suffix = "-cpu" if cpu else ""
+    assert f"ablations/orderings{suffix}" in sweep.grid_names()
+    grids = {name: dict(load_grid(f"ablations/{name}{suffix}").runs)
+             for name in ("attention_dropout", "token_masking", "orderings", "block_diffusion")}
+    for runs in grids.values():
+        shapes = {(c.model.name, c.data.unique_tokens, c.data.epochs) for c in runs.values()}
+        assert len(shapes) == 1, shapes
+    shape = next(iter({(c.model.name, c.data.unique_tokens, c.data.epochs)
+                       for c in grids["token_masking"].values()}))
+    assert shape == (("cpu-s", 20_000, 24.0) if cpu else ("140M", 100_000_000, 50.0))
+    orderings = grids["orderings"]
+    assert {n: c.ar.num_orders for n, c in orderings.items() if c.objective == "ar"} == {
+        f"ar-orders{n}": n for n in (1, 2, 4, 8, 16)}
+    assert {c.ar.order_kind for c in orderings.values()} == {"local"}
+    assert not any(c.ar.target_positions for c in orderings.values())
+    if not cpu:
+        assert orderings["ar-orders16"].model.name == "278M"
+        assert orderings["ar-orders16"].data.epochs == 100.0
+    rates = {c.model.attention_dropout for n, c in grids["attention_dropout"].items()
+             if n.startswith("ar-attention_dropout")}
+    assert rates == {0.25, 0.5, 0.75}
+    assert {c.ar.randmask_ratio for c in grids["token_masking"].values()} == {
+        0.0, 0.1, 0.25, 0.5, 0.75}
+    blocks = grids["block_diffusion"]
+    seq = blocks["ar"].data.seq_len
+    assert sorted(c.block_diffusion.block_size for c in blocks.values()
+                  if c.objective == "block_diffusion") == sorted({1, seq // 16, seq // 4, seq})
+    for runs in grids.values():
+        assert {c.objective for n, c in runs.items() if n == "diffusion"} == {"diffusion"}
+
+
+def test_cpu_ablation_grids_fit_in_minutes(capsys):
+    """`dvar sweep list` prints each CPU ablation grid with its time estimate (under 15 min)."""
+    for name in ("attention_dropout", "token_masking", "orderings", "block_diffusion"):
+        assert main(["dvar", "sweep", "list", f"--grid=ablations/{name}-cpu"]) == 0
+        out = capsys.readouterr().out
+        minutes = int(out.split("one run after another: ")[1].split(" min")[0])
+        assert minutes <= 15, (name, minutes)

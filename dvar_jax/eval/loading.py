@@ -16,7 +16,7 @@ from dvar_jax.config import transformer_config, validate_config
 from dvar_jax.data.pipeline import TokenStreams, load_token_streams
 from dvar_jax.metrics import read_metrics
 from dvar_jax.model.transformer import Transformer
-from dvar_jax.objectives import Objective, get_objective
+from dvar_jax.objectives import Objective, objective_from_config
 from dvar_jax.train import make_optimizer, plan_train_state
 
 
@@ -103,4 +103,4 @@ def load_run(workdir: str | Path, checkpoint: str = "best", **model_overrides) -
         state = checkpointer.restore((workdir / "checkpoints" / str(step) / "state").absolute(),
                                      abstract)
     model = nnx.merge(graphdef, state.params)
-    return LoadedRun(workdir, cfg, get_objective(cfg.objective), model, streams, step)
+    return LoadedRun(workdir, cfg, objective_from_config(cfg), model, streams, step)

@@ -70,14 +70,14 @@ def evaluate_validation(run: LoadedRun, *, num_mc: int, batch_size: int, seed: i
     seq = run.cfg.data.seq_len
     windows = validation_windows(run.streams.validation, seq, validation_tokens)
     graphdef, params = nnx.split(run.model)
-    num_draws = num_mc if run.objective.name == "diffusion" else 1
+    num_draws = 1 if run.objective.exact else num_mc
     eval_fn = partial(_draws, graphdef, run.objective.validation_draws, params,
                       mask_id=run.mask_id, num_mc=num_draws)
     draws = validation_draws(eval_fn, windows, batch_size, seed)
     loss, stderr = summarize_draws(draws, seq)
-    if run.objective.name == "ar":
-        stderr = 0.0  # exact
-    # The tokens scored: AR predicts tokens[1:], diffusion reconstructs tokens[:-1].
+    if run.objective.exact:
+        stderr = 0.0
+    # The tokens scored: AR predicts tokens[1:], (block) diffusion reconstructs tokens[:-1].
     scored = windows[:, 1:] if run.objective.name == "ar" else windows[:, :-1]
     num_bytes = int(token_byte_lengths(run.tokenizer)[scored].sum())
     nats = loss * scored.size

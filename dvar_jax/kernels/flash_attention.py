@@ -66,6 +66,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dvar_jax.model.masks import block_diffusion_allowed
+
 # Finite stand-in for -inf: exp(MASK_VALUE - m) is exactly 0 for any real m, and a row that has
 # seen only masked scores so far (m == MASK_VALUE) is reset by the first real score instead of
 # producing inf - inf = NaN.
@@ -84,6 +86,7 @@ class _Plan:
     """Static decisions of one call; hashable, so it can be a custom_vjp non-diff argument."""
 
     causal: bool
+    diffusion_block: int  # > 0: block diffusion's [noisy; clean] mask (model/masks.py)
     seq_len: int  # real sequence length
     padded_len: int  # multiple of both blocks
     block_q: int
@@ -172,7 +175,11 @@ def _logit_mask(plan: _Plan, i: jax.Array, j: jax.Array, q_seg_ref, kv_seg_ref) 
     """[block_q, block_k] bool: which scores of block pair (i, j) are kept; None keeps all."""
     shape = (plan.block_q, plan.block_k)
     mask = None
-    if plan.causal or plan.padded:
+    if plan.diffusion_block:  # the one predicate the XLA path also uses; it hides padded keys
+        q_pos = i * plan.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+        k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
+        mask = block_diffusion_allowed(q_pos, k_pos, plan.seq_len // 2, plan.diffusion_block)
+    elif plan.causal or plan.padded:
         q_pos = i * plan.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
         k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
         # Causal already hides padded keys (positions >= seq) from every real query.
@@ -466,11 +473,15 @@ def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array 
                          f"got {segment_ids.shape}")
 
 
-def _make_plan(q: jax.Array, causal: bool, segment_ids, block_q: int, block_k: int,
-               interpret: bool | None, record_visits: bool = False) -> _Plan:
+def _make_plan(q: jax.Array, causal: bool, diffusion_block: int, segment_ids, block_q: int,
+               block_k: int, interpret: bool | None, record_visits: bool = False) -> _Plan:
     seq, head_dim = q.shape[1], q.shape[3]
+    if diffusion_block and (causal or seq % 2 or diffusion_block < 0):
+        raise ValueError(f"flash_attention: diffusion_block={diffusion_block} needs causal=False "
+                         f"and an even [noisy; clean] seq (got causal={causal}, seq={seq})")
     block_q, block_k, padded_len = plan_blocks(seq, block_q, block_k)
-    return _Plan(causal=bool(causal), seq_len=seq, padded_len=padded_len, block_q=block_q,
+    return _Plan(causal=bool(causal), diffusion_block=int(diffusion_block), seq_len=seq,
+                 padded_len=padded_len, block_q=block_q,
                  block_k=block_k, scale=1.0 / math.sqrt(head_dim),
                  has_segments=segment_ids is not None,
                  interpret=_resolve_interpret(interpret), record_visits=record_visits)
@@ -498,6 +509,7 @@ def flash_attention(
     v: jax.Array,
     *,
     causal: bool,
+    diffusion_block: int = 0,
     segment_ids: jax.Array | None = None,
     block_q: int = 128,
     block_k: int = 128,
@@ -508,6 +520,9 @@ def flash_attention(
     Matches `dot_product_attention(q, k, v, causal=causal)` (scale 1/sqrt(head_dim), float32
     softmax and accumulation, output in q's dtype), differentiable in q, k, v.
 
+    diffusion_block: > 0 applies block diffusion's mask with that block size to a [noisy; clean]
+    sequence (dvar_jax/model/masks.py; needs causal=False and an even seq). Every block pair is
+    computed (no skipping).
     segment_ids: optional [batch, seq] ints; a query attends only to keys with its id (packed
     documents), combined with the causal mask when `causal`. Every query must be allowed at least
     one key (always true for self-attention: it sees itself); a query with none outputs 0.
@@ -519,7 +534,7 @@ def flash_attention(
     module docstring for GPU.
     """
     _check_qkv(q, k, v, segment_ids)
-    plan = _make_plan(q, causal, segment_ids, block_q, block_k, interpret)
+    plan = _make_plan(q, causal, diffusion_block, segment_ids, block_q, block_k, interpret)
     q_, k_, v_ = (_to_kernel_layout(plan, x) for x in (q, k, v))
     out = _attention(plan, q_, k_, v_, _segment_layout(plan, segment_ids))
     return jnp.swapaxes(out[:, :, :plan.seq_len], 1, 2)
@@ -531,6 +546,7 @@ def debug_block_visits(
     v: jax.Array,
     *,
     causal: bool,
+    diffusion_block: int = 0,
     segment_ids: jax.Array | None = None,
     block_q: int = 128,
     block_k: int = 128,
@@ -543,7 +559,8 @@ def debug_block_visits(
     `pl.when` body, so a 0 means the block's matmuls never executed.
     """
     _check_qkv(q, k, v, segment_ids)
-    plan = _make_plan(q, causal, segment_ids, block_q, block_k, interpret, record_visits=True)
+    plan = _make_plan(q, causal, diffusion_block, segment_ids, block_q, block_k, interpret,
+                      record_visits=True)
     q_, k_, v_ = (_to_kernel_layout(plan, x) for x in (q, k, v))
     segs = _segment_layout(plan, segment_ids)
     out, lse, forward = _forward_call(plan, q_, k_, v_, segs)

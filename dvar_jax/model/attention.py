@@ -4,6 +4,10 @@
 checked against), `pallas` (dvar_jax/kernels/flash_attention.py: our blocked kernel, no
 [seq, seq] matrix in memory; interpret mode on CPU) or `splash` (dvar_jax/kernels/splash.py:
 JAX's TPU splash attention kernel; seq a multiple of 128; interpret mode on CPU).
+
+What may attend to what is, besides `causal`, one of two extras: a structural block-diffusion
+mask (`diffusion_block`: model/masks.py, on the xla and pallas paths) or a dense per-sequence
+mask chosen by the objective (`mask`: AR token masking, xla only).
 """
 
 from functools import partial
@@ -11,6 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from dvar_jax.model.masks import block_diffusion_mask
 from dvar_jax.sharding import per_shard
 
 ATTENTION_IMPLS = ("xla", "pallas", "splash")
@@ -49,6 +54,8 @@ def dot_product_attention(
     v: jax.Array,
     *,
     causal: bool,
+    diffusion_block: int = 0,
+    mask: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
@@ -56,13 +63,21 @@ def dot_product_attention(
 
     Scale 1/sqrt(head_dim) (Megatron's 1/sqrt(kv_channels)). Softmax in float32. Dropout on the
     attention probabilities when `dropout_rng` is given and the rate is positive.
+    diffusion_block: > 0 applies `block_diffusion_mask` with that block (inputs [noisy; clean]).
+    mask: [batch, seq, seq] bool, True where query may attend key; AND-ed with the others.
     """
     head_dim = q.shape[-1]
+    seq_q, seq_k = q.shape[1], k.shape[1]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
+    allowed = None  # [batch or 1, 1, seq_q, seq_k]
     if causal:
-        seq_q, seq_k = q.shape[1], k.shape[1]
-        allowed = jnp.tril(jnp.ones((seq_q, seq_k), dtype=bool))
+        allowed = jnp.tril(jnp.ones((seq_q, seq_k), dtype=bool))[None, None]
+    if diffusion_block:
+        allowed = block_diffusion_mask(seq_q, diffusion_block)[None, None]
+    if mask is not None:
+        allowed = mask[:, None] if allowed is None else jnp.logical_and(allowed, mask[:, None])
+    if allowed is not None:
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
@@ -83,23 +98,33 @@ def _kernel(impl: str):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, causal: bool,
+              diffusion_block: int = 0, mask: jax.Array | None = None,
               dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
               blocks: tuple[int, int] = (128, 128)) -> jax.Array:
     """Attention by the chosen implementation; [batch, seq, heads, head_dim] in and out.
 
-    blocks: (query, key) block sizes of the pallas kernel (splash picks its own from seq).
+    diffusion_block, mask: as `dot_product_attention` (mask: xla only; diffusion_block: xla and
+    pallas). blocks: (query, key) block sizes of the pallas kernel (splash picks its own).
 
     A Pallas kernel (pallas, splash) is not partitioned by XLA: on a mesh it runs per shard
     (batch and heads are independent), through `per_shard`.
     """
     if impl == "xla":
-        return dot_product_attention(q, k, v, causal=causal, dropout_rate=dropout_rate,
+        return dot_product_attention(q, k, v, causal=causal, diffusion_block=diffusion_block,
+                                     mask=mask, dropout_rate=dropout_rate,
                                      dropout_rng=dropout_rng)
     if impl in ("pallas", "splash"):
         if dropout_rate > 0.0 and dropout_rng is not None:
             raise ValueError(f"attention dropout needs model.attention_impl='xla', not {impl!r}")
+        if mask is not None:
+            raise ValueError(f"a per-sequence attention mask (AR token masking) needs "
+                             f"model.attention_impl='xla', not {impl!r}")
+        if diffusion_block and impl == "splash":
+            raise ValueError("block diffusion needs model.attention_impl 'xla' or 'pallas', "
+                             "not 'splash'")
         kernel = partial(_kernel(impl), causal=causal)
         if impl == "pallas":
-            kernel = partial(kernel, block_q=blocks[0], block_k=blocks[1])
+            kernel = partial(kernel, diffusion_block=diffusion_block, block_q=blocks[0],
+                             block_k=blocks[1])
         return per_shard(kernel, (q, k, v), QKV_AXES)
     raise ValueError(f"model.attention_impl={impl!r}: allowed {', '.join(ATTENTION_IMPLS)}")

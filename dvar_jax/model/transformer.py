@@ -2,7 +2,10 @@
 
 Pre-norm RMSNorm (eps 1e-5), RoPE (theta 1e4, rotate-half), SwiGLU, no biases, tied input and
 output embeddings, N(0, 0.02) init with the attention-out and MLP-down projections scaled by
-1/sqrt(2 * n_layers). The model knows one thing about the objective: `causal`.
+1/sqrt(2 * n_layers). The model knows little about the objective: `causal`, and for the
+ablations a block-diffusion block size (`diffusion_block`, inputs [noisy; clean]) and an optional
+target-position table (`target_positions`, sigma-GPT style). Per-call inputs the objectives may
+pass: RoPE position ids, target positions and a dense attention mask.
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `mlp`, ...) so that a
 rule table can map them onto a device mesh.
@@ -48,6 +51,12 @@ class TransformerConfig:
     n_heads: int
     head_dim: int
     causal: bool
+    # > 0: block diffusion (Arriola et al. 2025); inputs are [noisy; clean] halves and attention
+    # follows model/masks.py's block_diffusion_allowed with this block size.
+    diffusion_block: int = 0
+    # > 0: rows of a learned table of target positions (which position each input predicts),
+    # added to the input embeddings: the sigma-GPT variant of N-ordering AR. 0 = none.
+    target_positions: int = 0
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     dtype: str = "float32"
@@ -65,6 +74,11 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.diffusion_block < 0 or self.target_positions < 0:
+            raise ValueError(f"model diffusion_block={self.diffusion_block} and target_positions="
+                             f"{self.target_positions} must be >= 0")
+        if self.diffusion_block and self.causal:
+            raise ValueError(f"model diffusion_block={self.diffusion_block} needs causal=False")
         if self.head_dim % 2:
             raise ValueError(f"model head_dim must be even for RoPE, got {self.head_dim}")
         for name in ("attention_dropout", "hidden_dropout"):
@@ -120,8 +134,8 @@ class Block(nnx.Module):
         self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+                 dropout_rngs: nnx.Rngs | None, mask: jax.Array | None = None) -> jax.Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]; mask: [batch, seq, seq] or None."""
         cfg = self.cfg
         batch, seq, _ = x.shape
         deterministic = dropout_rngs is None
@@ -131,6 +145,7 @@ class Block(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = attention(
             q, k, v, impl=cfg.attention_impl, causal=cfg.causal,
+            diffusion_block=cfg.diffusion_block, mask=mask,
             dropout_rate=cfg.attention_dropout,
             dropout_rng=None if deterministic else dropout_rngs.dropout(),
             blocks=(cfg.attention_block_q, cfg.attention_block_k))
@@ -151,25 +166,41 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                                embedding_init=nnx.initializers.normal(cfg.init_std),
                                embedding_metadata=_param_meta("vocab", "embed"), rngs=rngs)
+        if cfg.target_positions:
+            self.target_embed = nnx.Embed(
+                cfg.target_positions, cfg.d_model, dtype=dtype,
+                embedding_init=nnx.initializers.normal(cfg.init_std),
+                embedding_metadata=_param_meta(None, "embed"), rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                       scale_metadata=_param_meta("norm"), rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
     def hidden_states(self, x: jax.Array, positions: jax.Array | None = None,
-                      dropout_rng: jax.Array | None = None) -> jax.Array:
+                      dropout_rng: jax.Array | None = None, *,
+                      target_positions: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None) -> jax.Array:
         """Embedded inputs [batch, seq, d_model] -> final normed states [batch, seq, d_model].
 
         positions: [batch or 1, seq] RoPE position ids (default 0..seq-1). dropout_rng: a key turns
         dropout on (training); None is the deterministic model (evaluation).
+        target_positions: [batch or 1, seq] the position each input predicts, for a model with a
+        target-position table (default 1..seq: left to right); ignored without one.
+        attention_mask: [batch, seq, seq] bool, True where a query may attend a key, AND-ed with
+        the model's own mask (xla attention only).
         """
         if positions is None:  # one table row shared by the batch, not recomputed per row
             positions = jnp.arange(x.shape[1])[None, :]
+        if self.cfg.target_positions:
+            if target_positions is None:
+                target_positions = jnp.arange(1, x.shape[1] + 1)[None, :]
+            x = x + self.target_embed(target_positions)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         for block in self.blocks:
-            x = constrain(block(constrain(x, RESIDUAL_AXES), cos, sin, rngs), RESIDUAL_AXES)
+            x = constrain(block(constrain(x, RESIDUAL_AXES), cos, sin, rngs, attention_mask),
+                          RESIDUAL_AXES)
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -180,14 +211,20 @@ class Transformer(nnx.Module):
 
     def sequence_losses(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array,
                         positions: jax.Array | None = None,
-                        dropout_rng: jax.Array | None = None) -> jax.Array:
+                        dropout_rng: jax.Array | None = None, *,
+                        target_positions: jax.Array | None = None,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
         """sum_s weights[b, s] * CE(logits[b, s], targets[b, s]) per sequence -> [batch] float32.
 
-        tokens, targets: [batch, seq] int; weights: [batch, seq] float. The objectives' one
-        entry point: with `loss_impl` chunked or pallas the [batch, seq, vocab] logits are never
-        built (model/output.py).
+        tokens: [batch, seq] int; targets: [batch, n] int and weights: [batch, n] float for the
+        first n <= seq positions (block diffusion scores only its noisy half; the rest are never
+        projected onto the vocabulary). positions, target_positions, attention_mask: as
+        `hidden_states`. The objectives' one entry point: with `loss_impl` chunked or pallas the
+        [batch, n, vocab] logits are never built (model/output.py).
         """
-        h = self.hidden_states(self.embed(tokens), positions, dropout_rng)
+        h = self.hidden_states(self.embed(tokens), positions, dropout_rng,
+                               target_positions=target_positions, attention_mask=attention_mask)
+        h = h[:, :targets.shape[1]]
         if self.cfg.loss_impl == "xla":
             return logits_sequence_losses(self.embed.attend(h), targets, weights)
         return kernel_sequence_losses(h, self.embed.embedding[...], targets, weights,

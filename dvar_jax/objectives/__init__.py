@@ -2,20 +2,36 @@
 
 An `Objective` bundles what the shared train and eval steps need to know about one: whether the
 model attends causally, its training loss, and its validation loss. Adding an objective means
-adding a module here and an entry in `OBJECTIVES`; nothing else changes.
+adding a module here and an entry in `OBJECTIVE_NAMES` / `objective_from_config`; nothing else
+changes. The study's ablations are options of these objectives (`ar.*`, `block_diffusion.*`
+config keys), bound into the functions by `objective_from_config`.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
+from ml_collections import ConfigDict
 
-from dvar_jax.objectives.ar import ar_loss, ar_validation_draws, ar_validation_loss
+from dvar_jax.objectives.ar import (
+    PLAIN_AR,
+    ARVariant,
+    ar_loss,
+    ar_validation_draws,
+    ar_validation_loss,
+)
+from dvar_jax.objectives.block_diffusion import (
+    block_diffusion_loss,
+    block_diffusion_validation_draws,
+    block_diffusion_validation_loss,
+)
 from dvar_jax.objectives.diffusion import (
     diffusion_loss,
     diffusion_validation_draws,
     diffusion_validation_loss,
 )
+from dvar_jax.objectives.orderings import make_orders
 
 # (model, tokens [batch, seq + 1], rng, mask_id) -> (scalar loss, metrics)
 TrainLoss = Callable[..., tuple[jax.Array, dict]]
@@ -32,17 +48,55 @@ class Objective(NamedTuple):
     validation_loss: ValidationLoss
     validation_draws: ValidationDraws
 
+    @property
+    def exact(self) -> bool:
+        """Whether validation is exact (one draw) rather than a Monte-Carlo ELBO estimate."""
+        return self.name == "ar"
 
-OBJECTIVES = {
-    "ar": Objective("ar", causal=True, loss=ar_loss, validation_loss=ar_validation_loss,
-                    validation_draws=ar_validation_draws),
-    "diffusion": Objective("diffusion", causal=False, loss=diffusion_loss,
-                           validation_loss=diffusion_validation_loss,
-                           validation_draws=diffusion_validation_draws),
-}
+
+OBJECTIVE_NAMES = ("ar", "diffusion", "block_diffusion")
+
+
+def _ar(variant: ARVariant = PLAIN_AR) -> Objective:
+    loss = ar_loss if variant.plain else partial(ar_loss, variant=variant)
+    return Objective("ar", causal=True, loss=loss,
+                     validation_loss=ar_validation_loss, validation_draws=ar_validation_draws)
+
+
+def _diffusion() -> Objective:
+    return Objective("diffusion", causal=False, loss=diffusion_loss,
+                     validation_loss=diffusion_validation_loss,
+                     validation_draws=diffusion_validation_draws)
+
+
+def _block_diffusion(block_size: int) -> Objective:
+    return Objective("block_diffusion", causal=False,
+                     loss=partial(block_diffusion_loss, block_size=block_size),
+                     validation_loss=partial(block_diffusion_validation_loss,
+                                             block_size=block_size),
+                     validation_draws=partial(block_diffusion_validation_draws,
+                                              block_size=block_size))
 
 
 def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    return OBJECTIVES[name]
+    """The objective `name` with its default options (plain AR; block diffusion with B = 16)."""
+    if name not in OBJECTIVE_NAMES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVE_NAMES)}, got {name!r}")
+    return {"ar": _ar, "diffusion": _diffusion,
+            "block_diffusion": partial(_block_diffusion, 16)}[name]()
+
+
+def objective_from_config(cfg: ConfigDict) -> Objective:
+    """The run's objective with its ablation options (cfg.ar, cfg.block_diffusion) bound.
+
+    The N orders are drawn here, once, from cfg.seed: the same on every host and every resume.
+    """
+    if cfg.objective == "ar":
+        a = cfg.ar
+        orders = None
+        if a.num_orders > 1:
+            orders = make_orders(a.num_orders, cfg.data.seq_len, a.order_kind, cfg.seed)
+        return _ar(ARVariant(orders=orders, randmask_ratio=float(a.randmask_ratio)))
+    if cfg.objective == "block_diffusion":
+        return _block_diffusion(cfg.block_diffusion.block_size)
+    return get_objective(cfg.objective)

@@ -17,12 +17,15 @@ def mask_tokens(clean: jax.Array, t: jax.Array, rng: jax.Array, mask_id: int,
                 eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
     """The forward process at noise levels t: (noisy tokens, loss weights), both [batch, seq].
 
-    clean: [batch, seq] token ids; t: [batch] in [0, 1]. Each token becomes `mask_id` with
-    probability p = (1 - eps) t + eps; the weights are 1/p where masked and 0 elsewhere.
+    clean: [batch, seq] token ids; t: [batch] in [0, 1] (one level per sequence), or
+    [batch, seq] (one per token: block diffusion's per-block levels). Each token becomes
+    `mask_id` with probability p = (1 - eps) t + eps; the weights are 1/p where masked, else 0.
     """
-    p = (1.0 - eps) * t + eps  # [batch]
-    masked = jax.random.bernoulli(rng, p[:, None], clean.shape)
-    weights = jnp.where(masked, 1.0 / p[:, None], 0.0).astype(jnp.float32)
+    p = (1.0 - eps) * t + eps
+    if p.ndim == 1:
+        p = p[:, None]
+    masked = jax.random.bernoulli(rng, p, clean.shape)
+    weights = jnp.where(masked, 1.0 / p, 0.0).astype(jnp.float32)
     return jnp.where(masked, mask_id, clean), weights
 
 

@@ -67,9 +67,12 @@ def matmul_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
 
     6 x (every weight used in a matmul, the tied output projection included) plus the attention
     score and value products, 12 L seq width, counted in full for causal models too because the
-    XLA path computes the whole score matrix.
+    XLA path computes the whole score matrix. Block diffusion runs its layers over [noisy; clean]
+    (2 seq positions, each attending over 2 seq) per scored token, the output layer once.
     """
     width = cfg.n_heads * cfg.head_dim
     per_layer = cfg.d_model * 3 * width + width * cfg.d_model + 3 * cfg.d_model * cfg.ffn_hidden
-    weights = cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model
-    return 6.0 * weights + 12.0 * cfg.n_layers * seq_len * width
+    copies = 2 if cfg.diffusion_block else 1
+    attention = 12.0 * cfg.n_layers * copies * seq_len * width
+    output = 6.0 * cfg.vocab_size * cfg.d_model
+    return copies * (6.0 * cfg.n_layers * per_layer + attention) + output
