@@ -6,6 +6,7 @@ line per run and returns a table of the best and last validation loss per run.
 """
 
 import fnmatch
+import re
 from pathlib import Path
 
 from dvar_jax.metrics import read_metrics
@@ -14,9 +15,14 @@ from dvar_jax.metrics import read_metrics
 Curve = list[tuple[float, float]]
 
 
+def _natural(name: str) -> list:
+    """Sort key reading digit runs as numbers: ar-orders2 before ar-orders16."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def read_curves(workdir: str | Path, only: str = "") -> dict[str, Curve]:
     """{run name: its validation curve} for the run folders under `workdir` with at least one
-    evaluation, in name order. only: comma-separated names or shell patterns (empty = all).
+    evaluation, in name order (numbers in names compared as numbers). only: comma-separated names or shell patterns (empty = all).
 
     ValueError when workdir is not a folder, or when no run (or none matching `only`) has an
     evaluation yet.
@@ -27,7 +33,8 @@ def read_curves(workdir: str | Path, only: str = "") -> dict[str, Curve]:
                          "of run folders (dvar sweep run --workdir=...)")
     patterns = [p.strip() for p in only.split(",") if p.strip()]
     curves = {}
-    for run in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
+    runs = [p for p in root.iterdir() if (p / "metrics.jsonl").is_file()]
+    for run in sorted(runs, key=lambda p: _natural(p.name)):
         if patterns and not any(fnmatch.fnmatchcase(run.name, p) for p in patterns):
             continue
         points = [(r["epoch"], r["val_loss"]) for r in read_metrics(run) if "val_loss" in r]

@@ -50,3 +50,9 @@ def test_curves_with_a_pattern_matching_nothing_is_an_error(sweep_dir, capsys):
     assert main(["dvar", "curves", f"--workdir={sweep_dir}", "--only=diffusion*"]) == 2
     assert "no run folder matching --only='diffusion*' with a validation loss" in (
         capsys.readouterr().err)
+
+
+def test_runs_are_listed_with_numbers_in_order(tmp_path):
+    for n in (16, 2, 1):
+        _run(tmp_path, f"ar-orders{n}", [(1.0, 6.0)])
+    assert list(read_curves(tmp_path)) == ["ar-orders1", "ar-orders2", "ar-orders16"]
