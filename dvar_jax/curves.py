@@ -22,7 +22,8 @@ def _natural(name: str) -> list:
 
 def read_curves(workdir: str | Path, only: str = "") -> dict[str, Curve]:
     """{run name: its validation curve} for the run folders under `workdir` with at least one
-    evaluation, in name order (numbers in names compared as numbers). only: comma-separated names or shell patterns (empty = all).
+    evaluation, in name order (numbers in names compared as numbers). only: comma-separated
+    names or shell patterns (empty = all).
 
     ValueError when workdir is not a folder, or when no run (or none matching `only`) has an
     evaluation yet.
