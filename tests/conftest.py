@@ -1,11 +1,26 @@
 """Shared test fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # With the `tpu` extra installed, every JAX process loads libtpu, which takes a machine-wide
 # lock file; tests start several JAX processes at once (workers, `dvar plan-memory`).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+# One JAX persistent compilation cache for the session, this process and every `dvar`
+# subprocess the tests start: the same tiny models are compiled again and again (each resume of
+# a killed run, each CLI test), and a cache hit halves a tiny run (19 s -> 12 s on 2 cores).
+# Fresh per session and removed after it, so no run of the suite depends on an earlier one.
+# Set before JAX is imported: it reads these at import.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="dvar-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_jax_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import pytest
 
