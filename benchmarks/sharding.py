@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from configs.base import get_config  # noqa: E402
 from configs.models import model_shape  # noqa: E402
 from dvar_jax.model.transformer import TransformerConfig, padded_vocab_size  # noqa: E402
-from dvar_jax.objectives import OBJECTIVE_NAMES, get_objective  # noqa: E402
+from dvar_jax.objectives import get_objective  # noqa: E402
 from dvar_jax.sharding import (  # noqa: E402
     activation_sharding,
     global_batch,
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", help="model size: a name from configs/models.py or d_model,"
                                   f"n_layers,n_heads,head_dim (default {DEFAULTS['size']})")
-    p.add_argument("--objective", choices=OBJECTIVE_NAMES, default="ar",
+    p.add_argument("--objective", choices=("ar", "diffusion"), default="ar",
                    help="objective of the train step (default ar)")
     p.add_argument("--batch", type=int,
                    help=f"sequences per step; must divide by {DEVICE_COUNT} (default 32)")

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 from ml_collections import ConfigDict
 
+from configs.base import get_config as base_config
 from dvar_jax.objectives.ar import (
     PLAIN_AR,
     ARVariant,
@@ -79,11 +80,12 @@ def _block_diffusion(block_size: int) -> Objective:
 
 
 def get_objective(name: str) -> Objective:
-    """The objective `name` with its default options (plain AR; block diffusion with B = 16)."""
+    """The objective `name` with configs/base.py's options (plain AR; its block size)."""
     if name not in OBJECTIVE_NAMES:
         raise ValueError(f"objective must be one of {list(OBJECTIVE_NAMES)}, got {name!r}")
-    return {"ar": _ar, "diffusion": _diffusion,
-            "block_diffusion": partial(_block_diffusion, 16)}[name]()
+    cfg = base_config()
+    cfg.objective = name
+    return objective_from_config(cfg)
 
 
 def objective_from_config(cfg: ConfigDict) -> Objective:
@@ -99,4 +101,6 @@ def objective_from_config(cfg: ConfigDict) -> Objective:
         return _ar(ARVariant(orders=orders, randmask_ratio=float(a.randmask_ratio)))
     if cfg.objective == "block_diffusion":
         return _block_diffusion(cfg.block_diffusion.block_size)
-    return get_objective(cfg.objective)
+    if cfg.objective == "diffusion":
+        return _diffusion()
+    raise ValueError(f"objective must be one of {list(OBJECTIVE_NAMES)}, got {cfg.objective!r}")
