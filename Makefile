@@ -1,5 +1,13 @@
 # Two commands: `make demo` and `make test`. Each builds .venv from nothing.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Python 3.12 or 3.13 (jax 0.12 needs >= 3.12). pyenv puts a shim on PATH for every version it
+# has, and a shim fails for a version that is not selected, so each candidate is run, not just
+# found; the path printed is the real interpreter.
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+PYTHON_CANDIDATES := python3.12 python3.13 $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) \
+	$(wildcard $(PYENV_ROOT)/versions/3.13*/bin/python3.13) python3
+PYTHON ?= $(shell for p in $(PYTHON_CANDIDATES); do \
+	$$p -c 'import sys; assert (3, 12) <= sys.version_info[:2] <= (3, 13); print(sys.executable)' \
+	2>/dev/null && break; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -14,7 +22,8 @@ EXTRAS := dev$(comma)eval$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell un
 venv: $(STAMP)
 
 $(STAMP): setup.py
-	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"Python >= 3.11 is required, found {v.major}.{v.minor} at {sys.executable}")'
+	@test -n "$(PYTHON)" || { echo "Python 3.12 or 3.13 is required (jax 0.12 needs >= 3.12), and none was found: tried $(PYTHON_CANDIDATES). Install one (e.g. pyenv install 3.12) or pass PYTHON=/path/to/python3.12." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else f"Python >= 3.12 is required (jax 0.12), found {v.major}.{v.minor} at {sys.executable}")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'

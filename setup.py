@@ -2,11 +2,11 @@
 
 from setuptools import find_packages, setup
 
-# Ranges are the ones resolved and tested together on Python 3.11 / CPU (see README,
+# Ranges are the ones resolved and tested together on Python 3.12 / CPU (see README,
 # "Why these dependencies"). Upper bounds stop a new minor release of a fast-moving
 # JAX-ecosystem package from silently changing numerics or APIs under a grid of runs.
 INSTALL_REQUIRES = [
-    "jax[cpu]>=0.10.2,<0.11",
+    "jax[cpu]>=0.12,<0.13",
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
@@ -34,8 +34,9 @@ setup(
     description=(
         "AR vs masked-diffusion language models under a fixed unique-token budget, in JAX/Flax"
     ),
-    python_requires=">=3.11",
-    packages=find_packages(include=["dvar_jax", "dvar_jax.*", "configs", "configs.*"]),
+    python_requires=">=3.12",
+    # Only dvar_jax: the top-level configs/ folder holds examples that import it.
+    packages=find_packages(include=["dvar_jax", "dvar_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # nbclient/nbformat/ipykernel: tests/test_notebooks.py runs colab/*.ipynb top to bottom.
@@ -44,7 +45,7 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
         # compile for a TPU topology on a CPU-only machine. Same range as jax above.
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.12,<0.13"],
     },
     entry_points={"console_scripts": ["dvar=dvar_jax.cli:main"]},
 )

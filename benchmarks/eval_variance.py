@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from configs.tiny import tiny_config
+from dvar_jax.configs.recipes import tiny_config
 from dvar_jax.data.pipeline import validation_windows
 from dvar_jax.data.synthetic import write_synthetic_corpus
 from dvar_jax.eval.downstream import Example, multiple_choice, requests

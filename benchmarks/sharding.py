@@ -54,8 +54,8 @@ from typing import Any, NamedTuple  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.base import get_config  # noqa: E402
-from configs.models import model_shape  # noqa: E402
+from dvar_jax.configs.base import get_config  # noqa: E402
+from dvar_jax.configs.models import model_shape  # noqa: E402
 from dvar_jax.model.transformer import TransformerConfig, padded_vocab_size  # noqa: E402
 from dvar_jax.objectives import get_objective  # noqa: E402
 from dvar_jax.sharding import (  # noqa: E402

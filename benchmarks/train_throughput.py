@@ -39,8 +39,8 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from configs.base import get_config
-from configs.models import model_shape
+from dvar_jax.configs.base import get_config
+from dvar_jax.configs.models import model_shape
 from dvar_jax.model.transformer import (
     TransformerConfig,
     count_params,

@@ -19,7 +19,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The packaged defaults (dvar_jax/configs/): a command's default config file.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class UsageError(Exception):
@@ -77,13 +78,13 @@ def _parse(argv: list[str], sub: Subcommand) -> flags.FlagValues:
         key = str(e).strip("'\"")
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
         raise UsageError(f"unknown config key {bad[0] if bad else key!r} (no field {key!r}); "
-                         "every key is listed by --help and in configs/base.py") from e
+                         "every key is listed by --help and in dvar_jax/configs/base.py") from e
     except OSError as e:  # the config file could not be loaded; absl says so over lines
         given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-                     f"configs/{sub.default_config}")
+                     f"dvar_jax/configs/{sub.default_config}")
         reason = str(e).strip().splitlines()[-1].strip()
         raise UsageError(f"--config={given!r} could not be loaded ({reason}); allowed: a "
-                         "Python file defining get_config(), e.g. configs/base.py") from e
+                         "Python file defining get_config(), e.g. configs/tiny.py") from e
     for name, default, text in sub.options:
         if default is None and not fv[name].value:
             raise UsageError(f"--{name} is required ({text})")
@@ -159,13 +160,14 @@ def _help(name: str, sub: Subcommand) -> str:
         if "(default:" in help_text:  # the help says what the default means (e.g. --progress)
             text.append(f"  --{flag.name}: {help_text}")
             continue
-        default = flag.default if flag.name != "config" else f"configs/{sub.default_config}"
+        default = (flag.default if flag.name != "config"
+                   else f"dvar_jax/configs/{sub.default_config}")
         default = "required" if default is None else default
         text.append(f"  --{flag.name}: {help_text} (default: {default})")
     if sub.default_config is None:
         return "\n".join(text)
     text += ["", f"config keys (--config.KEY=VALUE), their defaults in "
-                 f"configs/{sub.default_config} and what they do (docs/config.md):"]
+                 f"dvar_jax/configs/{sub.default_config} and what they do (docs/config.md):"]
     return "\n".join(text + _config_lines(fv.config))
 
 

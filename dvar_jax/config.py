@@ -6,7 +6,7 @@ well under a second with a message naming the key, the value, and what is allowe
 
 from ml_collections import ConfigDict
 
-from configs.models import MODEL_SIZES
+from dvar_jax.configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.output import LOSS_IMPLS
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size

@@ -1,5 +1,5 @@
-"""The configuration reference: every key of configs/base.py, its type, its default and its
-one-line description, read from base.py itself.
+"""The configuration reference: every key of dvar_jax/configs/base.py, its type, its default and
+its one-line description, read from base.py itself.
 
 One source for `docs/config.md` and for the config-key lines of `dvar SUBCOMMAND --help`, so the
 two never disagree. Defaults and types come from running `get_config()`; descriptions from the
@@ -34,7 +34,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_CONFIG = ROOT / "configs" / "base.py"
+BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.py"
 DOC_PATH = ROOT / "docs" / "config.md"
 GENERATOR = "python -m dvar_jax.config_reference --write"
 
@@ -158,8 +158,8 @@ def _leaves(cfg: ConfigDict, prefix: str = "") -> dict[str, tuple[str, Any]]:
 
 
 def config_keys(path: Path = BASE_CONFIG) -> list[ConfigKey]:
-    """Every leaf key of the config file at `path` (default configs/base.py), in source order
-    (keys the source does not assign visibly come last, undocumented)."""
+    """Every leaf key of the config file at `path` (default dvar_jax/configs/base.py), in source
+    order (keys the source does not assign visibly come last, undocumented)."""
     descriptions = parse_descriptions(path.read_text())
     cfg = _load(path)
     leaves = _leaves(cfg)
@@ -168,9 +168,10 @@ def config_keys(path: Path = BASE_CONFIG) -> list[ConfigKey]:
 
 
 def _load(path: Path) -> ConfigDict:
-    """get_config() of the config file at `path` (the packaged module for configs/base.py)."""
+    """get_config() of the config file at `path` (the packaged module for
+    dvar_jax/configs/base.py)."""
     if path.resolve() == BASE_CONFIG:
-        from configs.base import get_config
+        from dvar_jax.configs.base import get_config
 
         return get_config()
     import importlib.util
@@ -182,12 +183,12 @@ def _load(path: Path) -> ConfigDict:
 
 
 def descriptions() -> dict[str, str]:
-    """{dotted key: one-line description} of configs/base.py (for `dvar ... --help`)."""
+    """{dotted key: one-line description} of dvar_jax/configs/base.py (for `dvar ... --help`)."""
     return {k.key: k.description for k in config_keys()}
 
 
 def undocumented_keys() -> list[str]:
-    """The keys of configs/base.py with no description."""
+    """The keys of dvar_jax/configs/base.py with no description."""
     return [k.key for k in config_keys() if not k.description]
 
 
@@ -210,14 +211,15 @@ def render_markdown(keys: list[ConfigKey] | None = None) -> str:
     for k in keys:
         sections.setdefault(k.section, []).append(k)
     lines = [
-        f"<!-- Generated from configs/base.py by `{GENERATOR}`; do not edit by hand. "
+        f"<!-- Generated from dvar_jax/configs/base.py by `{GENERATOR}`; do not edit by hand. "
         "tests/test_config_reference.py checks that it is current. -->",
         "",
         "# Configuration reference",
         "",
-        "Every key of [`configs/base.py`](../configs/base.py) with its type, its default and "
-        "its description, taken from the comments in that file (`dvar train --help` prints the "
-        "same descriptions). Override any key on the command line with `--config.KEY=VALUE`, "
+        "Every key of [`dvar_jax/configs/base.py`](../dvar_jax/configs/base.py) with its type, "
+        "its default and its description, taken from the comments in that file "
+        "(`dvar train --help` prints the same descriptions). Override any key on the command "
+        "line with `--config.KEY=VALUE`, "
         "e.g. `--config.data.epochs=50`; an unknown key, a value of the wrong type or an "
         "impossible value is an error before anything runs. Other config files "
         "(`configs/demo.py`, `configs/tiny.py`, the grids) start from these defaults and "
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m dvar_jax.config_reference",
-        description="Markdown reference of every key of configs/base.py (docs/config.md).")
+        description="Markdown reference of every key of dvar_jax/configs/base.py (docs/config.md).")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"write {DOC_PATH.relative_to(ROOT)}")
     mode.add_argument("--check", action="store_true",
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render_markdown()
     for key in undocumented_keys():
-        print(f"warning: configs/base.py: {key} has no comment describing it", file=sys.stderr)
+        print(f"warning: dvar_jax/configs/base.py: {key} has no comment describing it",
+              file=sys.stderr)
     if args.write:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)

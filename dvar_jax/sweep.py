@@ -24,10 +24,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from configs.grids import run_name, unset_required
+from dvar_jax.configs.grids import run_name, unset_required
 
-GRIDS_DIR = Path(__file__).resolve().parent.parent / "configs" / "grids"
-ABLATIONS_DIR = GRIDS_DIR.parent / "ablations"
 ABLATIONS_PREFIX = "ablations/"
 CPU_SUFFIX = "-cpu"
 RESULTS_NAME = "results.jsonl"
@@ -57,28 +55,57 @@ class Grid:
 # loading grids
 
 
-def _modules(folder: Path) -> list[str]:
+def examples_dir() -> Path | None:
+    """The folder of example configs that grid names refer to: `$DVAR_CONFIGS`, else
+    `./configs`, else the `configs/` of the source checkout this package runs from; None when
+    there is none (a wheel installed elsewhere: give grids as file paths)."""
+    candidates = [Path(os.environ["DVAR_CONFIGS"])] if os.environ.get("DVAR_CONFIGS") else []
+    candidates += [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    return next((c for c in candidates if (c / "grids").is_dir()), None)
+
+
+def _modules(folder: Path | None) -> list[str]:
+    if folder is None or not folder.is_dir():
+        return []
     return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
 def grid_names() -> list[str]:
-    """The grids shipped: configs/grids/NAME, and configs/ablations/NAME as `ablations/NAME`
-    (the study's scale) and `ablations/NAME-cpu` (its CPU-sized variant)."""
-    ablations = [f"{ABLATIONS_PREFIX}{stem}{suffix}" for stem in _modules(ABLATIONS_DIR)
+    """The grids shipped as examples: configs/grids/NAME, and configs/ablations/NAME as
+    `ablations/NAME` (the study's scale) and `ablations/NAME-cpu` (its CPU-sized variant)."""
+    root = examples_dir()
+    if root is None:
+        return []
+    ablations = [f"{ABLATIONS_PREFIX}{stem}{suffix}" for stem in _modules(root / "ablations")
                  for suffix in ("", CPU_SUFFIX)]
-    return _modules(GRIDS_DIR) + ablations
+    return _modules(root / "grids") + ablations
+
+
+def _unknown_grid(spec: str) -> ValueError:
+    names = grid_names()
+    shipped = (f"a grid name ({', '.join(names)})" if names else
+               "a grid name from a configs/ folder (none found: run from the repository root or "
+               "set DVAR_CONFIGS)")
+    return ValueError(f"--grid={spec!r} is not a known grid; allowed: {shipped}, or a path to a "
+                      ".py file defining get_grid()")
+
+
+def _load_file(path: Path):
+    """The module at `path`, loaded by path: the example configs are files, not a package."""
+    module_spec = importlib.util.spec_from_file_location(f"_dvar_grid_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def _grid_runs(spec: str) -> list:
     """get_grid() of the module a --grid value names (see `grid_names`, or a .py file path)."""
     if spec.startswith(ABLATIONS_PREFIX) and not spec.endswith(".py"):
         if spec not in grid_names():
-            raise ValueError(f"--grid={spec!r} is not a known grid; allowed: "
-                             f"{', '.join(grid_names())}, or a path to a .py file defining "
-                             "get_grid()")
+            raise _unknown_grid(spec)
         stem = spec.removeprefix(ABLATIONS_PREFIX)
         cpu = stem.endswith(CPU_SUFFIX)
-        module = importlib.import_module(f"configs.ablations.{stem.removesuffix(CPU_SUFFIX)}")
+        module = _load_file(examples_dir() / "ablations" / f"{stem.removesuffix(CPU_SUFFIX)}.py")
         return module.get_grid(cpu=cpu)
     module = _grid_module(spec)
     if not callable(getattr(module, "get_grid", None)):
@@ -92,16 +119,13 @@ def _grid_module(spec: str):
     if spec.endswith(".py") or os.sep in spec:
         path = Path(spec).expanduser()
         if not path.is_file():
+            names = ", ".join(grid_names()) or "none found"
             raise ValueError(f"--grid={spec!r}: no such file; allowed: a grid name "
-                             f"({', '.join(grid_names())}) or a .py file defining get_grid()")
-        module_spec = importlib.util.spec_from_file_location(f"_dvar_grid_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module
+                             f"({names}) or a .py file defining get_grid()")
+        return _load_file(path)
     if spec not in grid_names():
-        raise ValueError(f"--grid={spec!r} is not a known grid; allowed: "
-                         f"{', '.join(grid_names())}, or a path to a .py file defining get_grid()")
-    return importlib.import_module(f"configs.grids.{spec}")
+        raise _unknown_grid(spec)
+    return _load_file(examples_dir() / "grids" / f"{spec}.py")
 
 
 def _named(element: Any, spec: str) -> tuple[str, ConfigDict]:
@@ -294,8 +318,8 @@ def finished_summary(run_dir: Path) -> dict | None:
 def config_differences(run_dir: Path, cfg: ConfigDict) -> list[str]:
     """Run-defining keys in which the config saved in `run_dir` differs from `cfg` (none if
     nothing is saved there yet)."""
-    from configs.base import get_config
     from dvar_jax.checkpoint import flatten, run_defining_differences
+    from dvar_jax.configs.base import get_config
 
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():

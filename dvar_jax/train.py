@@ -28,7 +28,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from configs.base import get_config
 from dvar_jax.checkpoint import (
     CheckpointError,
     Checkpoints,
@@ -37,6 +36,7 @@ from dvar_jax.checkpoint import (
     run_defining_differences,
 )
 from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data.corpus import write_atomically as _write_bytes_atomically
 from dvar_jax.data.pipeline import TrainBatches, load_token_streams, validation_windows
 from dvar_jax.metrics import MetricsWriter, keep_metrics_through, read_metrics

@@ -24,8 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest
 
-from configs.base import get_config
-from configs.tiny import tiny_config
+from dvar_jax.configs.base import get_config
+from dvar_jax.configs.recipes import tiny_config
 from dvar_jax.data import synthetic
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data.pipeline import TrainBatches
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective

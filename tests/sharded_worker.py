@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.sharding import (

@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from configs.base import get_config
-from configs.tiny import tiny_config
 from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.configs.base import get_config
+from dvar_jax.configs.recipes import tiny_config
 from dvar_jax.model.attention import dot_product_attention
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective, objective_from_config

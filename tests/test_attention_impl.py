@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_config
 from dvar_jax.config import validate_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.sharding import activation_sharding, make_mesh, rules_from_config

@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from configs import base, demo, tiny
+from configs import tiny
 from dvar_jax.config import model_dims, transformer_config, validate_config
+from dvar_jax.configs import base, demo
 from dvar_jax.model.transformer import TransformerConfig
 
 

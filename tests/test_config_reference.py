@@ -4,8 +4,8 @@ comment rules hold."""
 
 import textwrap
 
-from configs.base import get_config
 from dvar_jax import config_reference as ref
+from dvar_jax.configs.base import get_config
 
 
 def _leaves(cfg, prefix=""):

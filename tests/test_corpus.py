@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data import corpus as corpus_lib
 from dvar_jax.data.corpus import Document
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs.models import PAPER_SIZES, model_shape
+from dvar_jax.configs.models import PAPER_SIZES, model_shape
 from dvar_jax.model.transformer import TransformerConfig, ffn_hidden_size, padded_vocab_size
 from dvar_jax.scaling.flops import (
     FLOPS_CONVENTION,

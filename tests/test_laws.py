@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from configs.models import PAPER_SIZES
+from dvar_jax.configs.models import PAPER_SIZES
 from dvar_jax.scaling.flops import paper_param_count
 from dvar_jax.scaling.laws import (
     HUBER_DELTA,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_config
 from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.model.output import LOSS_IMPLS, kernel_sequence_losses
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective

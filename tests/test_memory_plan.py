@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from configs.base import get_config
 from dvar_jax.cli import main
+from dvar_jax.configs.base import get_config
 
 # libtpu is the `tpu` extra, which `make test` installs on x86-64 Linux (where it exists).
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.models import PAPER_SIZES
+from dvar_jax.configs.models import PAPER_SIZES
 from dvar_jax.model.attention import dot_product_attention
 from dvar_jax.model.transformer import (
     Transformer,

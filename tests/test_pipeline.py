@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data import corpus as corpus_lib
 from dvar_jax.data.pipeline import (
     TrainBatches,

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from configs.base import get_config
 from dvar_jax.config import transformer_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import Transformer
 from dvar_jax.sharding import (
     logical_to_spec,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.kernels.splash import _kernel, splash_attention, splash_block
 from dvar_jax.model.attention import attention, dot_product_attention
 from dvar_jax.model.transformer import Transformer, TransformerConfig

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from configs.base import get_config
 from configs.grids import paper, small
 from dvar_jax import sweep
 from dvar_jax.cli import main
 from dvar_jax.config import validate_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.scaling.flops import training_flops
 from dvar_jax.sweep import Grid, list_runs, load_grid, run_sweep
 
@@ -128,7 +128,7 @@ def test_small_grid_estimate_is_printed(capsys):
 
 def test_load_grid_from_a_file_with_bare_configs(tmp_path):
     f = tmp_path / "mygrid.py"
-    f.write_text("from configs.base import get_config\n"
+    f.write_text("from dvar_jax.configs.base import get_config\n"
                  "def get_grid():\n"
                  "    c = get_config()\n"
                  "    c.model.name = 'cpu-xs'\n"
@@ -141,14 +141,14 @@ def test_load_grid_from_a_file_with_bare_configs(tmp_path):
     ("x = 1\n", "defines no get_grid()"),
     ("def get_grid():\n    return []\n", "returned no runs"),
     ("def get_grid():\n    return [1]\n", "returned a int"),
-    ("from configs.base import get_config\n"
+    ("from dvar_jax.configs.base import get_config\n"
      "def get_grid():\n    return [('a', get_config()), ('a', get_config())]\n", "appears twice"),
-    ("from configs.base import get_config\n"
+    ("from dvar_jax.configs.base import get_config\n"
      "def get_grid():\n    return [('a b', get_config())]\n", "is not a folder name"),
-    ("from configs.base import get_config\n"
+    ("from dvar_jax.configs.base import get_config\n"
      "def get_grid():\n    c = get_config()\n    c.data.epochs = 0.0\n    return [('a', c)]\n",
      "run a: invalid config: data.epochs=0.0"),
-    ("from configs.base import get_config\n"
+    ("from dvar_jax.configs.base import get_config\n"
      "def get_grid():\n    c = get_config()\n    c.data.unique_tokens = 1000\n"
      "    return [('a', c)]\n", "less than one batch"),
 ])

@@ -3,7 +3,7 @@
 import pytest
 import sentencepiece as spm
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data import tokenizer as tok_lib
 from dvar_jax.data.corpus import Document, load_corpus
 

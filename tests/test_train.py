@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.objectives.ar import ar_sequence_losses

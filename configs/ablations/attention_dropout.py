@@ -4,7 +4,7 @@ found no improvement: AR still overfits."""
 
 from ml_collections import ConfigDict
 
-from configs.ablations import ablation_config
+from dvar_jax.configs.recipes import ablation_config
 
 RATES = (0.25, 0.5, 0.75)
 

@@ -5,7 +5,7 @@ study; it asks how much of diffusion's advantage survives left-to-right generati
 
 from ml_collections import ConfigDict
 
-from configs.ablations import ablation_config
+from dvar_jax.configs.recipes import ablation_config
 
 # As fractions of the sequence: 1 token, 1/16, 1/4 and all of it.
 BLOCK_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)

@@ -6,7 +6,7 @@ diffusion's."""
 
 from ml_collections import ConfigDict
 
-from configs.ablations import ORDERINGS_EPOCHS, ORDERINGS_SIZE, ablation_config
+from dvar_jax.configs.recipes import ORDERINGS_EPOCHS, ORDERINGS_SIZE, ablation_config
 
 NUM_ORDERS = (1, 2, 4, 8, 16)
 

@@ -5,7 +5,7 @@ found no improvement."""
 
 from ml_collections import ConfigDict
 
-from configs.ablations import ablation_config
+from dvar_jax.configs.recipes import ablation_config
 
 RATIOS = (0.1, 0.25, 0.5, 0.75)
 

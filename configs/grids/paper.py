@@ -22,9 +22,9 @@ of fresh text; the multi-epoch runs only the first 100M.
 
 from ml_collections import ConfigDict
 
-from configs import base
-from configs.grids import add_run, required, run_name
-from configs.models import PAPER_SIZES
+from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.models import PAPER_SIZES
+from dvar_jax.configs.recipes import STUDY_VOCAB, study_config
 from dvar_jax.scaling.flops import paper_param_count
 
 OBJECTIVES = ("ar", "diffusion")
@@ -47,44 +47,11 @@ OPTIMAL_SIZE = {
 }
 DATA_VALUE_EPOCHS = (1, 2, 4, 10, 20, 50, 100)
 
-SEQ_LEN = 2048
-BATCH_SIZE = 256  # 524,288 tokens a step (PAPER.md §4)
-VOCAB = 50257  # the study's N formula counts this vocabulary (GPT-2, unpadded)
-EVAL_EVERY_STEPS = 1000  # the study's --eval-interval
-EVAL_TOKENS = 100 * BATCH_SIZE * SEQ_LEN  # --eval-iters 100
-
 
 def params(size: str) -> int:
-    """The study's N formula for a size of the table."""
+    """The study's N formula for a size of the table, with the study's vocabulary."""
     d_model, n_layers, _, _ = PAPER_SIZES[size]
-    return paper_param_count(d_model, n_layers, VOCAB)
-
-
-def study_config(objective: str, size: str, unique_tokens: int, epochs: float) -> ConfigDict:
-    """configs/base.py (the study's optimiser, schedule, dropout, seed) at the study's scale."""
-    c = base.get_config()
-    c.objective = objective
-    c.model.name = size
-    c.model.dtype = "bfloat16"  # bf16 mixed precision; parameters and optimizer stay float32
-    c.data.source = "text"
-    c.data.path = required("data.path", "your corpus: a folder of .txt or a .jsonl file")
-    c.data.vocab_size = VOCAB
-    c.data.tokenizer_type = "bpe"
-    c.data.seq_len = SEQ_LEN
-    c.data.unique_tokens = unique_tokens
-    c.data.epochs = float(epochs)
-    c.data.validation_tokens = EVAL_TOKENS
-    c.train.batch_size = BATCH_SIZE
-    # Shard parameters and optimizer state over every device: the 2.5B model's float32 Adam
-    # state alone is 40 GB. The batch of 256 divides every slice up to 256 chips.
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    # The study's cadence (every 1000 steps), but at least 10 evaluations in a short run, so
-    # every run has a best checkpoint and a curve.
-    steps_per_epoch = (unique_tokens - 1) // SEQ_LEN / BATCH_SIZE
-    c.eval.every_epochs = min(EVAL_EVERY_STEPS / steps_per_epoch, epochs / 10)
-    c.eval.batch_size = BATCH_SIZE
-    c.eval.num_mc = 1  # the study's during-training setting; 52M tokens keep the noise small
-    return c
+    return paper_param_count(d_model, n_layers, STUDY_VOCAB)
 
 
 def _multi_epoch(grid: dict[str, ConfigDict]) -> None:

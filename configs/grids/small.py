@@ -17,46 +17,14 @@ CPU throughput.
 
 from ml_collections import ConfigDict
 
-from configs import base
-from configs.grids import add_run, run_name
+from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.recipes import small_config
 
 OBJECTIVES = ("ar", "diffusion")
 SIZES = ("cpu-xs", "cpu-s", "cpu-m")
 UNIQUE_TOKENS = (5_000, 10_000, 20_000)
 EPOCHS = (1, 3, 8, 24)
 FRESH_TOKENS = (60_000, 180_000)
-
-SEQ_LEN = 64
-BATCH_SIZE = 16  # 1,024 tokens a step: 4 steps an epoch of the smallest U
-EVALS_PER_RUN = 8
-VALIDATION_TOKENS = 4_096
-
-
-def small_config(objective: str, size: str, unique_tokens: int, epochs: float) -> ConfigDict:
-    """configs/base.py with the demo's CPU settings (configs/demo.py) at this grid's shape."""
-    c = base.get_config()
-    c.objective = objective
-    c.model.name = size
-    # No dropout, as the demo: the plain objectives, and 40% less CPU time.
-    c.model.attention_dropout = 0.0
-    c.model.hidden_dropout = 0.0
-    c.data.unique_tokens = unique_tokens
-    c.data.epochs = float(epochs)
-    c.data.seq_len = SEQ_LEN
-    # The first VALIDATION_TOKENS of the held-out works, the same for every run.
-    c.data.validation_tokens = VALIDATION_TOKENS
-    c.train.batch_size = BATCH_SIZE
-    c.train.peak_lr = 1e-3  # small models on small budgets need a larger step (as the demo)
-    c.train.warmup_fraction = 0.02
-    c.train.log_every = 20
-    c.eval.every_epochs = epochs / EVALS_PER_RUN
-    c.eval.batch_size = 64
-    c.eval.num_mc = 2
-    # Save at the end only (and on SIGTERM): runs take seconds to minutes, and saving at every
-    # evaluation would cost more than it protects.
-    c.checkpoint.every_steps = 1_000_000
-    c.checkpoint.keep = 1
-    return c
 
 
 def get_grid() -> list[tuple[str, ConfigDict]]:

@@ -10,9 +10,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from configs.base import get_config
 from dvar_jax.checkpoint import flatten
 from dvar_jax.config import transformer_config, validate_config
+from dvar_jax.configs.base import get_config
 from dvar_jax.data.pipeline import TokenStreams, load_token_streams
 from dvar_jax.metrics import read_metrics
 from dvar_jax.model.transformer import Transformer

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 from ml_collections import ConfigDict
 
-from configs.base import get_config as base_config
+from dvar_jax.configs.base import get_config as base_config
 from dvar_jax.objectives.ar import (
     PLAIN_AR,
     ARVariant,
