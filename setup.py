@@ -6,8 +6,8 @@ from setuptools import find_packages, setup
 # "Why these dependencies"). Upper bounds stop a new minor release of a fast-moving
 # JAX-ecosystem package from silently changing numerics or APIs under a grid of runs.
 INSTALL_REQUIRES = [
-    "jax[cpu]>=0.12,<0.13",
-    "flax>=0.12.8,<0.13",
+    "jax[cpu]>=0.12.0.1,<0.13",
+    "flax>=0.12.12,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain>=0.2.18,<0.3",
@@ -40,12 +40,13 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # nbclient/nbformat/ipykernel: tests/test_notebooks.py runs colab/*.ipynb top to bottom.
+        # import-linter: tests/test_layers.py checks .importlinter's layers contract.
         "dev": ["pytest>=8,<10", "ruff>=0.6", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
-                "ipykernel>=6.29,<8"],
+                "ipykernel>=6.29,<8", "import-linter>=2.17,<2.18"],
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
         # compile for a TPU topology on a CPU-only machine. Same range as jax above.
-        "tpu": ["jax[tpu]>=0.12,<0.13"],
+        "tpu": ["jax[tpu]>=0.12.0.1,<0.13"],
     },
     entry_points={"console_scripts": ["dvar=dvar_jax.cli:main"]},
 )

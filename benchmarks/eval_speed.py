@@ -116,8 +116,8 @@ def bench_objective(objective: str, workdir: Path,
     (the caller adds `mfu` once the peak is known)."""
     run = load_run(workdir, args.checkpoint)
     seq = run.cfg.data.seq_len
-    num_mc = args.num_mc if objective == "diffusion" else 1
-    scorer = Scorer(run.model, objective, run.mask_id, seq, eod_id=run.tokenizer.eod_id,
+    num_mc = 1 if run.objective.exact else args.num_mc
+    scorer = Scorer(run.model, run.objective, run.mask_id, seq, eod_id=run.tokenizer.eod_id,
                     batch_size=args.batch, num_mc=num_mc, seed=args.seed)
     forward_flops_per_token = matmul_flops_per_token(run.model.cfg, seq) / 3
     rows = []

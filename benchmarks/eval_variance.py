@@ -287,7 +287,7 @@ def downstream_variance(run: LoadedRun, ks: Sequence[int], seeds: Sequence[int],
         start = time.perf_counter()
         for seed in seeds:
             # A Scorer per seed: the compiled function is shared (same model structure and K).
-            scorer = Scorer(run.model, "diffusion", run.mask_id, run.cfg.data.seq_len,
+            scorer = Scorer(run.model, run.objective, run.mask_id, run.cfg.data.seq_len,
                             eod_id=run.tokenizer.eod_id, batch_size=batch_size, num_mc=k,
                             seed=seed)
             scored = np.array(scorer.loglikelihood_with_stderr(reqs))  # [requests, 2]

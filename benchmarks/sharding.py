@@ -2,7 +2,7 @@
 mesh, next to the single-device run, in one table.
 
 The meshes are (data, fsdp, tensor) = (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2) on 8 simulated
-CPU devices, and (1, 1, 1) on one of them. Each runs `dvar_jax.train.make_train_step` with the
+CPU devices, and (1, 1, 1) on one of them. Each runs `dvar_jax.step.make_train_step` with the
 state from `create_train_state` and the rule table of `configs/base.py`, exactly as `dvar train`
 places them. For each mesh the script reports:
 
@@ -64,7 +64,7 @@ from dvar_jax.sharding import (  # noqa: E402
     make_mesh,
     rules_from_config,
 )
-from dvar_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from dvar_jax.step import create_train_state, make_optimizer, make_train_step  # noqa: E402
 
 MeshShape = tuple[int, int, int]  # (data, fsdp, tensor)
 # The single-device baseline first, then the four meshes of 8 devices.

@@ -3,7 +3,7 @@
 For each model size and objective this times two jitted, state-donating train steps on the same
 random token batch:
 
-* ours: `dvar_jax.train.make_train_step` on the Flax NNX `Transformer`, exactly as `dvar train`
+* ours: `dvar_jax.step.make_train_step` on the Flax NNX `Transformer`, exactly as `dvar train`
   builds it (`create_train_state`, `make_optimizer`, the objective from `dvar_jax.objectives`);
 * the reference: the same model, objective and optimizer written here in plain JAX + optax
   (parameters a dict of arrays, a pure `forward(params, tokens)`), initialised with a copy of
@@ -51,7 +51,7 @@ from dvar_jax.objectives import get_objective
 from dvar_jax.perf import measure_matmul_peak
 from dvar_jax.scaling.flops import matmul_flops_per_token
 from dvar_jax.sharding import make_mesh, rules_from_config
-from dvar_jax.train import create_train_state, make_optimizer, make_train_step
+from dvar_jax.step import create_train_state, make_optimizer, make_train_step
 
 OBJECTIVE_NAMES = ("ar", "diffusion")
 # Length of the learning-rate schedule both optimizers are built for: warmup is then one step,
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"  done {size} {objective} ({rows[-1]['steps_per_repeat']} steps/repeat, "
                   f"{time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     print()
-    print("ours = dvar_jax.train.make_train_step (Flax NNX); ref = plain-JAX reference in this "
+    print("ours = dvar_jax.step.make_train_step (Flax NNX); ref = plain-JAX reference in this "
           "file. Dropout 0 in both.")
     print(format_table(rows))
     ratio = ("ours best / ref best" if args.stat == "best"

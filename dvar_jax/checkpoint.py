@@ -20,34 +20,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-log = logging.getLogger(__name__)
+from dvar_jax.run_dir import RunDir
 
-# The config keys whose change changes the run (model, objective, data, optimisation, seed);
-# mesh, logging, evaluation and checkpoint cadence may change between restarts.
-RUN_DEFINING = ("objective", "seed", "model.", "data.", "train.", "ar.", "block_diffusion.")
-NOT_RUN_DEFINING = ("data.cache_dir", "train.log_every")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A workdir whose checkpoints cannot serve the requested run."""
-
-
-def run_defining_differences(saved: dict, requested: dict) -> list[str]:
-    """Keys (dotted) whose values differ between two flattened configs and change the run."""
-    keys = sorted(set(saved) | set(requested))
-    return [k for k in keys
-            if k.startswith(RUN_DEFINING) and k not in NOT_RUN_DEFINING
-            and saved.get(k) != requested.get(k)]
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def _key_name(key) -> str:
@@ -87,10 +66,10 @@ def first_mismatch(saved: dict, requested: dict) -> str | None:
 
 
 class Checkpoints:
-    """The checkpoints of one workdir (`<workdir>/checkpoints/<step>/`)."""
+    """The checkpoints of one run folder (`RunDir(workdir).checkpoints_dir / <step>`)."""
 
     def __init__(self, workdir: Path, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = RunDir(workdir).checkpoints_dir.absolute()
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
@@ -192,3 +171,20 @@ def abstract_like(state) -> Any:
     """Shapes, dtypes and shardings of `state`, for restoring onto the same placement."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state)
+
+
+def restore_params(state_dir: Path, abstract_params: Any, device: jax.Device) -> Any:
+    """Only the parameters of a saved train state (`<step>/state`), onto `device`: what
+    evaluation and sampling need, without building or reading the optimizer state.
+
+    abstract_params: the parameters' tree of ShapeDtypeStruct (`step.abstract_params`).
+    """
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    item = {"params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            epath.Path(Path(state_dir).absolute()),
+            args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
+    return restored["params"]

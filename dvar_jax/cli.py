@@ -213,6 +213,7 @@ def _run_plan_memory(fv: flags.FlagValues) -> int:
 
 def _run_eval(fv: flags.FlagValues) -> int:
     from dvar_jax.eval.evaluate import format_evaluation, parse_tasks, run_evaluation
+    from dvar_jax.run_dir import RunDir
 
     record = run_evaluation(
         fv.workdir, checkpoint=fv.checkpoint, num_mc=fv.num_mc, batch_size=fv.batch_size,
@@ -220,7 +221,7 @@ def _run_eval(fv: flags.FlagValues) -> int:
         tasks=parse_tasks(fv.tasks), tasks_dir=fv.tasks_dir or None, source=fv.source,
         limit=fv.limit or None, diffusion_method=fv.diffusion_method)
     print(format_evaluation(record))
-    print(f"appended to {Path(fv.workdir) / 'eval.jsonl'}")
+    print(f"appended to {RunDir(fv.workdir).evals_path}")
     return 0
 
 
@@ -233,7 +234,7 @@ def _run_sample(fv: flags.FlagValues) -> int:
             raise UsageError(f"--{name}={fv[name].value}: must be >= {low}")
     run = load_run(fv.workdir, fv.checkpoint)
     texts = generate(run.model, run.tokenizer, [fv.prompt] * fv.num_samples,
-                     objective=run.objective.name, n_new=fv.n_new, seed=fv.seed,
+                     objective=run.objective, n_new=fv.n_new, seed=fv.seed,
                      seq_len=run.cfg.data.seq_len, temperature=fv.temperature, top_k=fv.top_k,
                      top_p=fv.top_p, steps=fv.steps or None, method=fv.method,
                      tokens_per_step=fv.tokens_per_step or None)

@@ -4,15 +4,16 @@ Everything here runs before any data is read or any array is made, so a bad conf
 well under a second with a message naming the key, the value, and what is allowed.
 """
 
+import dataclasses
+
 from ml_collections import ConfigDict
 
 from dvar_jax.configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.output import LOSS_IMPLS
 from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
-from dvar_jax.objectives import OBJECTIVE_NAMES
-from dvar_jax.objectives.orderings import ORDER_KINDS
-from dvar_jax.sharding import rules_from_config
+from dvar_jax.objectives import Objective, config_problems, objective_from_config
+from dvar_jax.sharding import distributed_problems, mesh_size_problems, rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
 DATA_SOURCES = ("shakespeare", "text")
@@ -66,9 +67,7 @@ def validate_config(cfg: ConfigDict) -> None:
         if not ok:
             problems.append(message)
 
-    check(cfg.objective in OBJECTIVE_NAMES,
-          f"objective={cfg.objective!r}: allowed {', '.join(OBJECTIVE_NAMES)}")
-    _check_ablations(cfg, check)
+    problems += config_problems(cfg)  # objective, ar.*, block_diffusion.*
     try:
         dims = model_dims(cfg.model)
         for k, v in dims.items():
@@ -127,17 +126,12 @@ def validate_config(cfg: ConfigDict) -> None:
           f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0 (0 = every eval)")
     check(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
 
-    m = cfg.mesh
-    for axis in ("data", "fsdp", "tensor"):
-        check(m[axis] == -1 or m[axis] >= 1, f"mesh.{axis}={m[axis]}: must be >= 1 or -1 (fill)")
-    check([m.data, m.fsdp, m.tensor].count(-1) <= 1,
-          f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: at most one -1")
+    problems += mesh_size_problems(cfg.mesh)
     try:
-        rules_from_config(m.rules)
+        rules_from_config(cfg.mesh.rules)
     except (ValueError, TypeError) as e:
         problems.append(str(e))
-    check(cfg.distributed in ("auto", "on", "off"),
-          f"distributed={cfg.distributed!r}: allowed auto, on, off")
+    problems += distributed_problems(cfg.distributed)
 
     e = cfg.eval
     check(e.every_epochs > 0, f"eval.every_epochs={e.every_epochs}: must be > 0")
@@ -150,48 +144,25 @@ def validate_config(cfg: ConfigDict) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def _check_ablations(cfg: ConfigDict, check) -> None:
-    """The AR ablation options (cfg.ar) and block diffusion's block size (PAPER.md §8)."""
-    a, is_ar = cfg.ar, cfg.objective == "ar"
-    check(0.0 <= a.randmask_ratio <= 1.0,
-          f"ar.randmask_ratio={a.randmask_ratio}: must be in [0, 1] (0 = no token masking)")
-    check(a.num_orders >= 1, f"ar.num_orders={a.num_orders}: must be >= 1 (1 = left to right)")
-    check(a.order_kind in ORDER_KINDS,
-          f"ar.order_kind={a.order_kind!r}: allowed {', '.join(ORDER_KINDS)}")
-    used = [k for k, plain in (("randmask_ratio", 0.0), ("num_orders", 1),
-                               ("target_positions", False)) if a[k] != plain]
-    check(is_ar or not used, f"ar.{', ar.'.join(used)} set with objective={cfg.objective!r}: "
-          "the ar.* options apply to objective='ar' only")
-    check(a.randmask_ratio == 0 or cfg.model.attention_impl == "xla",
-          f"ar.randmask_ratio={a.randmask_ratio} needs model.attention_impl='xla' (a dense "
-          f"per-sequence mask), got {cfg.model.attention_impl!r}")
-    if cfg.objective == "block_diffusion":
-        b = cfg.block_diffusion.block_size
-        check(b >= 1 and cfg.data.seq_len % b == 0,
-              f"block_diffusion.block_size={b}: must be >= 1 and divide data.seq_len="
-              f"{cfg.data.seq_len}")
-        check(cfg.model.attention_impl in ("xla", "pallas"),
-              f"model.attention_impl={cfg.model.attention_impl!r}: block diffusion allows "
-              "xla, pallas")
+# TransformerConfig fields that do not come from the cfg.model key of the same name.
+_DERIVED_MODEL_FIELDS = ("vocab_size", "causal", "diffusion_block", "target_positions", *DIMS)
 
 
-def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int) -> TransformerConfig:
-    """The model of this run; the objective decides the attention mask."""
-    block_diffusion = cfg.objective == "block_diffusion"
+def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int,
+                       objective: Objective | None = None) -> TransformerConfig:
+    """The model of this run (`cfg` validated). Every TransformerConfig field named like a
+    cfg.model key takes its value; the objective (default: the config's) decides the attention
+    mask; the vocabulary is padded to hold MASK.
+    """
+    objective = objective_from_config(cfg) if objective is None else objective
+    copied = {f.name: cfg.model[f.name] for f in dataclasses.fields(TransformerConfig)
+              if f.name in cfg.model and f.name not in _DERIVED_MODEL_FIELDS}
     return TransformerConfig(
         vocab_size=padded_vocab_size(tokenizer_vocab_size),
-        causal=cfg.objective == "ar",
-        diffusion_block=cfg.block_diffusion.block_size if block_diffusion else 0,
+        causal=objective.causal,
+        diffusion_block=objective.diffusion_block,
         # Targets sit at positions 1..seq_len: one row more than the sequence.
         target_positions=cfg.data.seq_len + 1 if cfg.ar.target_positions else 0,
-        attention_dropout=cfg.model.attention_dropout,
-        hidden_dropout=cfg.model.hidden_dropout,
-        dtype=cfg.model.dtype,
-        attention_impl=cfg.model.attention_impl,
-        attention_block_q=cfg.model.attention_block_q,
-        attention_block_k=cfg.model.attention_block_k,
-        loss_impl=cfg.model.loss_impl,
-        loss_block_t=cfg.model.loss_block_t,
-        loss_block_v=cfg.model.loss_block_v,
         **model_dims(cfg.model),
+        **copied,
     )

@@ -9,7 +9,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from dvar_jax.metrics import read_metrics
+from dvar_jax.run_dir import read_metrics
 
 # (epoch, validation loss) points of one run, in training order.
 Curve = list[tuple[float, float]]

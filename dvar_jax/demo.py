@@ -8,7 +8,9 @@ from ml_collections import ConfigDict
 from dvar_jax.config import model_dims, validate_config
 from dvar_jax.eval.loading import load_run
 from dvar_jax.eval.sampling import generate
+from dvar_jax.files import write_atomically
 from dvar_jax.report import markdown_table, plot_curves, run_table
+from dvar_jax.run_dir import METRICS_FILE, DemoDir
 from dvar_jax.train import train
 
 OBJECTIVES = ("ar", "diffusion")
@@ -24,8 +26,9 @@ def sample_section(runs: dict[str, Path], n_new: int) -> list[str]:
              "token. Reproduce with `dvar sample --workdir=RUN --prompt=...`.", ""]
     for name, workdir in runs.items():
         run = load_run(workdir)
-        texts = generate(run.model, run.tokenizer, list(SAMPLE_PROMPTS), objective=name,
-                         n_new=n_new, seed=0, seq_len=run.cfg.data.seq_len, top_p=0.9)
+        texts = generate(run.model, run.tokenizer, list(SAMPLE_PROMPTS),
+                         objective=run.objective, n_new=n_new, seed=0,
+                         seq_len=run.cfg.data.seq_len, top_p=0.9)
         for prompt, text in zip(SAMPLE_PROMPTS, texts, strict=True):
             lines += [f"**{name}**, prompt {prompt!r}:", "", "```", prompt + text, "```", ""]
     return lines
@@ -35,20 +38,20 @@ def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = No
     """Trains both objectives from `cfg` (its `objective` field is ignored) into workdir/ar and
     workdir/diffusion, writes report.md and curves.png, and returns the one-line summary."""
     validate_config(cfg)
-    workdir = Path(workdir)
+    demo = DemoDir(workdir)
     runs, summaries = {}, {}
     for objective in OBJECTIVES:
         run_cfg = ConfigDict(cfg.to_dict())
         run_cfg.objective = objective
         run_cfg.lock()
-        runs[objective] = workdir / objective
+        runs[objective] = demo.run_path(objective)
         summaries[objective] = train(run_cfg, runs[objective], progress=progress)
 
     dims = model_dims(cfg.model)
     n_params = summaries["ar"].params
     title = (f"{cfg.model.name} ({n_params / 1e6:.2f}M params), U = {cfg.data.unique_tokens:,} "
              f"unique tokens, {cfg.data.epochs} epochs")
-    plot_curves(runs, workdir / "curves.png", title)
+    plot_curves(runs, demo.curves_path, title)
     rows = run_table(runs)
     line = " | ".join(f"{r['run']}: best validation loss {r['best_val_loss']:.4f} at epoch "
                       f"{r['best_epoch']:.1f}" for r in rows)
@@ -63,11 +66,11 @@ def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = No
         markdown_table(rows), "",
         "`rise after best` is how far the final validation loss sits above the run's best: "
         "a model that overfits the repeated tokens climbs after its best epoch.", "",
-        "![validation curves](curves.png)", "",
+        f"![validation curves]({demo.curves_path.name})", "",
         f"Summary: {line}", "",
-        "Runs: " + ", ".join(f"[{k}]({k}/metrics.jsonl)" for k in runs), "",
+        "Runs: " + ", ".join(f"[{k}]({k}/{METRICS_FILE})" for k in runs), "",
         *sample_section(runs, n_new=min(48, cfg.data.seq_len - 4)),
     ]
-    (workdir / "report.md").write_text("\n".join(report))
-    (workdir / "summary.json").write_text(json.dumps(rows, indent=2))
+    write_atomically(demo.report_path, "\n".join(report))
+    write_atomically(demo.summary_path, json.dumps(rows, indent=2))
     return line

@@ -19,7 +19,7 @@ from dvar_jax.config import transformer_config, validate_config
 from dvar_jax.objectives import objective_from_config
 from dvar_jax.scaling.flops import matmul_flops_per_token
 from dvar_jax.sharding import make_mesh, rules_from_config
-from dvar_jax.train import make_optimizer, make_train_step, plan_train_state
+from dvar_jax.step import make_optimizer, make_train_step, plan_train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def plan_memory(cfg: ConfigDict, devices: list) -> dict:
     mesh = make_mesh(cfg.mesh, devices)
     rules = rules_from_config(cfg.mesh.rules)
     objective = objective_from_config(cfg)
-    model_cfg = transformer_config(cfg, cfg.data.vocab_size)
+    model_cfg = transformer_config(cfg, cfg.data.vocab_size, objective)
     tx = make_optimizer(cfg.train, num_steps=1000)
     graphdef, init, placement = plan_train_state(model_cfg, tx, cfg.seed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

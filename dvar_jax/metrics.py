@@ -1,7 +1,8 @@
-"""Metric records of a run: one JSON object a line in `metrics.jsonl`, mirrored to TensorBoard.
+"""Metric records of a run: one JSON object a line in a metrics file, mirrored to TensorBoard.
 
 Records have `kind` "train" (loss, lr, grad_norm, tokens, epoch, tokens_per_s, mfu) or "eval"
-(val_loss, epoch, tokens, flops). Readers (reports, plots, sweeps) only need `read_metrics`.
+(val_loss, epoch, tokens, flops). This module knows the format, not where the files are: the
+run folder (`dvar_jax.run_dir`) gives the paths, and readers use `RunDir.read_metrics`.
 """
 
 import json
@@ -10,14 +11,16 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from dvar_jax.files import write_atomically
+
 
 class MetricsWriter:
-    """Appends records to `<workdir>/metrics.jsonl` and scalars to `<workdir>/tb/`."""
+    """Appends records to the metrics file at `path` and scalars to `tensorboard_dir`."""
 
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(self, path: Path, tensorboard_dir: Path):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+        self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         record = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in values.items()}}
@@ -86,21 +89,15 @@ def _parse(path: Path) -> list[dict]:
     return records
 
 
-def read_metrics(workdir: Path, kind: str | None = None) -> list[dict]:
-    """All records of a run (optionally one kind), in the order they were written."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"no metrics at {path}: has a run been trained in {workdir}?")
-    return [r for r in _parse(path) if kind is None or r["kind"] == kind]
+def read_metrics_file(path: Path, kind: str | None = None) -> list[dict]:
+    """All records of the metrics file at `path` (optionally one kind), in the order written."""
+    return [r for r in _parse(Path(path)) if kind is None or r["kind"] == kind]
 
 
-def keep_metrics_through(workdir: Path, step: int) -> None:
+def keep_metrics_through(path: Path, step: int) -> None:
     """Drops the records of steps after `step` (work a resumed run will redo), atomically."""
-    from dvar_jax.data.corpus import write_atomically
-
-    path = Path(workdir) / "metrics.jsonl"
+    path = Path(path)
     if not path.exists():
         return
     kept = [r for r in _parse(path) if r["step"] <= step]
-    text = "".join(json.dumps(r) + "\n" for r in kept)
-    write_atomically(path, lambda f: f.write(text.encode()))
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))

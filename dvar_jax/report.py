@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvar_jax.metrics import read_metrics
+from dvar_jax.run_dir import read_metrics
 
 
 def validation_curve(workdir: Path) -> dict[str, np.ndarray]:

@@ -69,3 +69,30 @@ def read_records(path: str | Path) -> list[dict]:
                                  "object; a results file holds one JSON object per line")
             records.append(record)
     return records
+
+
+def recorded_names(path: str | Path) -> set[str]:
+    """Names of the runs a results file already holds (none if it does not exist)."""
+    path = Path(path)
+    return {r.get("name") for r in read_records(path)} if path.is_file() else set()
+
+
+def append_once(path: str | Path, record: dict) -> bool:
+    """Appends `record` unless a record of the same `name` is there already; False if it was.
+
+    The check and the append happen under an exclusive lock on PATH.lock, so two sweeps
+    finishing the same run (or a multi-host run's every host) add it once; append_record's own
+    lock keeps each line whole for writers that do not take this one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if record["name"] in recorded_names(path):
+            return False
+        append_record(path, record)
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # The mesh and rules activations are constrained to while a step is traced (None: no constraint).
@@ -28,12 +29,28 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.
     "dvar_sharding", default=None)
 
 
+def _described(sizes: Sequence[int]) -> str:
+    return ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
+
+
+def mesh_size_problems(mesh_cfg) -> list[str]:
+    """What is wrong with mesh.data/fsdp/tensor before the devices are known, one message per
+    problem (empty: none): each must be >= 1 or -1 (fill), and at most one may be -1."""
+    sizes = [mesh_cfg[a] for a in MESH_AXES]
+    problems = [f"mesh.{a}={s}: must be >= 1 or -1 (fill)"
+                for a, s in zip(MESH_AXES, sizes, strict=True) if not (s == -1 or s >= 1)]
+    if sizes.count(-1) > 1:
+        problems.append(f"{_described(sizes)}: at most one may be -1 (fill)")
+    return problems
+
+
 def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes from config; one of them may be -1 = the remaining devices."""
+    problems = mesh_size_problems(mesh_cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     sizes = [mesh_cfg[a] for a in MESH_AXES]
-    described = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"{described}: each must be >= 1, and at most one may be -1 (fill)")
+    described = _described(sizes)
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if device_count % known:
@@ -177,14 +194,22 @@ def per_shard(fn, args: Sequence[jax.Array], names, out_names: Sequence[str | No
                          out_specs=logical_to_spec(out_names, rules), check_vma=False)(*args)
 
 
+def distributed_problems(mode: str) -> list[str]:
+    """What is wrong with the `distributed` setting (empty: nothing)."""
+    if mode in DISTRIBUTED_MODES:
+        return []
+    return [f"distributed={mode!r}: allowed {', '.join(DISTRIBUTED_MODES)}"]
+
+
 def maybe_initialize_distributed(mode: str) -> bool:
     """Calls jax.distributed.initialize() for a multi-host run; returns whether it did.
 
     mode "on": always; "off": never; "auto": when the environment names a coordinator or
     several TPU workers (what a TPU VM slice or a launcher sets).
     """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"distributed={mode!r}: allowed auto, on, off")
+    problems = distributed_problems(mode)
+    if problems:
+        raise ValueError(problems[0])
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     multi = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or len(hosts) > 1
     if mode == "on" or (mode == "auto" and multi):

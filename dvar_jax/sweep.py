@@ -8,11 +8,9 @@ number of sweep processes may share a results file.
 """
 
 import copy
-import fcntl
 import fnmatch
 import importlib
 import importlib.util
-import json
 import math
 import os
 import re
@@ -25,10 +23,12 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from dvar_jax.configs.grids import run_name, unset_required
+from dvar_jax.objectives import objective_from_config
+from dvar_jax.results import append_once, recorded_names
+from dvar_jax.run_dir import RunDir, sweep_results_path
 
 ABLATIONS_PREFIX = "ablations/"
 CPU_SUFFIX = "-cpu"
-RESULTS_NAME = "results.jsonl"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 # CPU cost model for `sweep list` (README, "Performance": train tokens/s on a 2-core CPU,
@@ -83,7 +83,7 @@ def grid_names() -> list[str]:
 
 def _unknown_grid(spec: str) -> ValueError:
     names = grid_names()
-    shipped = (f"a grid name ({', '.join(names)})" if names else
+    shipped = (", ".join(names) if names else
                "a grid name from a configs/ folder (none found: run from the repository root or "
                "set DVAR_CONFIGS)")
     return ValueError(f"--grid={spec!r} is not a known grid; allowed: {shipped}, or a path to a "
@@ -231,17 +231,20 @@ def list_runs(grid: Grid | list[tuple[str, ConfigDict]]) -> list[dict[str, Any]]
 
 def cpu_seconds(cfg: ConfigDict) -> float | None:
     """Estimated wall time of a run on a 2-core CPU, or None for sizes never measured there."""
-    block_diffusion = cfg.objective == "block_diffusion"
-    rate = CPU_TOKENS_PER_S.get((cfg.model.name, "diffusion" if block_diffusion else cfg.objective))
+    objective = objective_from_config(cfg)
+    # Measured for AR and masked diffusion; block diffusion runs diffusion's model over
+    # [noisy; clean], twice the tokens (not measured).
+    measured = "ar" if objective.causal else "diffusion"
+    rate = CPU_TOKENS_PER_S.get((cfg.model.name, measured))
     if rate is None:
         return None
-    if block_diffusion:  # not measured: its layers run over [noisy; clean], twice the tokens
+    if objective.diffusion_block:
         rate /= 2
     steps = num_steps(cfg)
     windows = (cfg.data.unique_tokens - 1) // cfg.data.seq_len
     eval_every = max(1, round(cfg.eval.every_epochs * windows / cfg.train.batch_size))
     evals = 1 + steps // eval_every + (steps % eval_every > 0)
-    eval_tokens = cfg.data.validation_tokens * (1 if cfg.objective == "ar" else cfg.eval.num_mc)
+    eval_tokens = cfg.data.validation_tokens * (1 if objective.exact else cfg.eval.num_mc)
     train_tokens = steps * cfg.train.batch_size * cfg.data.seq_len
     return RUN_OVERHEAD_S + train_tokens / rate + evals * eval_tokens / (rate * EVAL_SPEEDUP)
 
@@ -306,37 +309,6 @@ def format_runs(grid: Grid, runs: list[tuple[str, ConfigDict]] | None = None) ->
 # state of a run, records
 
 
-def finished_summary(run_dir: Path) -> dict | None:
-    """A run's summary.json if it says the run completed, else None."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("completed") else None
-
-
-def config_differences(run_dir: Path, cfg: ConfigDict) -> list[str]:
-    """Run-defining keys in which the config saved in `run_dir` differs from `cfg` (none if
-    nothing is saved there yet)."""
-    from dvar_jax.checkpoint import flatten, run_defining_differences
-    from dvar_jax.configs.base import get_config
-
-    saved_path = run_dir / "config.json"
-    if not saved_path.is_file():
-        return []
-    defaults = flatten(json.loads(get_config().to_json()))
-    saved = defaults | flatten(json.loads(saved_path.read_text()))
-    return run_defining_differences(saved, flatten(json.loads(cfg.to_json())))
-
-
-def best_step(run_dir: Path) -> int | None:
-    """The step of the lowest validation loss in a run's metrics.jsonl (the first, on ties)."""
-    from dvar_jax.metrics import read_metrics
-
-    evals = read_metrics(run_dir, kind="eval")
-    return min(evals, key=lambda r: r["val_loss"])["step"] if evals else None
-
-
 def make_record(grid: Grid, name: str, cfg: ConfigDict, summary: dict, run_dir: Path) -> dict:
     """The results record of a finished run: N as train counted it (the tokenizer's real
     vocabulary), D the tokens it trained on, FLOPs by 6ND and with attention."""
@@ -352,37 +324,8 @@ def make_record(grid: Grid, name: str, cfg: ConfigDict, summary: dict, run_dir: 
         "epochs": cfg.data.epochs, "tokens": tokens, "flops": training_flops(params, tokens),
         "flops_attention": training_flops(params, tokens, attention=attention),
         "best_val_loss": summary["best_val_loss"], "final_val_loss": summary["final_val_loss"],
-        "best_step": best_step(run_dir), "best_epoch": summary["best_epoch"],
+        "best_step": RunDir(run_dir).best_step(), "best_epoch": summary["best_epoch"],
     }
-
-
-def recorded_names(results: Path) -> set[str]:
-    """Names of the runs a results file already holds."""
-    from dvar_jax.results import read_records
-
-    return {r.get("name") for r in read_records(results)} if results.is_file() else set()
-
-
-def append_once(results: Path, record: dict) -> bool:
-    """Appends `record` unless a record of the same name is there already; False if it was.
-
-    The check and the append happen under an exclusive lock on RESULTS.lock, so two sweeps
-    finishing the same run (or a multi-host run's every host) add it once; append_record's own
-    lock keeps each line whole for writers that do not take this one.
-    """
-    from dvar_jax.results import append_record
-
-    results.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(results.with_name(results.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if record["name"] in recorded_names(results):
-            return False
-        append_record(results, record)
-        return True
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,7 +353,7 @@ def _check_startable(grid: Grid, runs: list[tuple[str, ConfigDict]], workdir: Pa
             raise ValueError(f"grid {grid.label!r} needs a value for {key} (run {name}: "
                              f"{value.strip('<>')}); e.g. dvar sweep run --grid={grid.spec} "
                              f"--config.{key}=VALUE ...")
-        differences = config_differences(workdir / name, cfg)
+        differences = RunDir(workdir / name).config_differences(cfg)
         if differences:
             raise ValueError(f"{workdir / name} holds run {name} with another config "
                              f"({', '.join(differences)} differ); use another --workdir or "
@@ -444,7 +387,7 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
     """
     workdir_text = str(workdir)
     workdir = Path(workdir)
-    results_path = Path(results) if results else workdir / RESULTS_NAME
+    results_path = Path(results) if results else sweep_results_path(workdir)
     runs = with_overrides(select(grid, only), override_config)
     _check_startable(grid, runs, workdir)
     recorded = recorded_names(results_path)
@@ -453,7 +396,7 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
         out.commands = [command_line(grid, name, workdir_text, str(results) if results else None,
                                      override_config)
                         for name, _ in runs
-                        if not (name in recorded and finished_summary(workdir / name))]
+                        if not (name in recorded and RunDir(workdir / name).finished_summary())]
         return out
 
     from dvar_jax.train import NonFiniteError, train  # heavy: only when training
@@ -461,13 +404,13 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
     for i, (name, cfg) in enumerate(runs, start=1):
         run_dir = workdir / name
         step = f"[{i}/{len(runs)}] {name}"
-        summary = finished_summary(run_dir)
+        summary = RunDir(run_dir).finished_summary()
         if summary is not None and name in recorded:
             out.skipped.append(name)
             log(f"{step}: done, skipped")
             continue
         if summary is None:
-            log(f"{step}: {'resuming' if (run_dir / 'checkpoints').is_dir() else 'training'}")
+            log(f"{step}: {'resuming' if RunDir(run_dir).checkpoints_dir.is_dir() else 'training'}")
             try:
                 s = train(cfg, run_dir, progress=progress)
             except NonFiniteError as e:

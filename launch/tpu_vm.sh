@@ -17,7 +17,7 @@ REPO_ROOT=$(dirname "$SCRIPT_DIR")
 SUBCOMMANDS="create setup train sweep logs fetch status delete"
 DEFAULT_TYPE=v5litepod-8
 DEFAULT_DIR=dvar-jax
-DEFAULT_PYTHON=python3.11
+DEFAULT_PYTHON=python3.12
 DEFAULT_WORKER=0
 REMOTE_ARCHIVE=dvar-jax-src.tar.gz
 MAX_REMOTE_COMMAND_BYTES=100000  # one argv string may not exceed 128 KiB on Linux
@@ -79,7 +79,7 @@ options (an option may also be written --opt=value):
   --copy             setup: copy 'git archive REF' of the local checkout to the workers
                      with tpu-vm scp instead of cloning (default: off)
   --python PYTHON    setup: interpreter for the venv, installed from the deadsnakes PPA
-                     when missing (default: $DEFAULT_PYTHON; setup.py needs >= 3.11)
+                     when missing (default: $DEFAULT_PYTHON; setup.py needs >= 3.12)
   --dir DIR          setup/train/sweep/logs/fetch: checkout folder on each worker, relative
                      to the home folder (default: $DEFAULT_DIR)
   --workdir DIR      train/fetch: run folder, gs://BUCKET/PATH or a path on each worker
@@ -112,7 +112,7 @@ examples:
   $PROG status --name=dvar-1 --zone=us-west4-a --queued
   $PROG setup  --name=dvar-1 --zone=us-west4-a
   $PROG train  --name=dvar-1 --zone=us-west4-a --workdir=gs://my-bucket/runs/diff -- \\
-      --config=configs/base.py --config.objective=diffusion
+      --config=dvar_jax/configs/base.py --config.objective=diffusion
   $PROG logs   --name=dvar-1 --zone=us-west4-a --worker=all
   $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=runs/ar --worker=all
   $PROG sweep  --name=dvar-1 --zone=us-west4-a --grid=paper --workdir=runs/paper -- \\
@@ -350,7 +350,7 @@ fi
 
 if [[ $SUBCOMMAND == setup ]]; then
   [[ $PYTHON =~ ^python3\.[0-9]+$ ]] \
-    || die_usage "invalid --python '$PYTHON' (allowed: python3.N, e.g. python3.11)"
+    || die_usage "invalid --python '$PYTHON' (allowed: python3.N, e.g. python3.12)"
   [[ -z $REF || $REF =~ ^[A-Za-z0-9_][A-Za-z0-9_./-]*$ ]] \
     || die_usage "invalid --ref '$REF' (allowed: a branch, tag or commit name)"
   [[ -z $REPO || $REPO =~ ^[^[:space:]\'\"\\]+$ ]] \
@@ -459,7 +459,7 @@ ssh_all() {  # ssh_all REMOTE_COMMAND: run it on every worker of the TPU VM
 
 timestamp() { date -u +%Y%m%d-%H%M%S; }
 
-# The jax requirement of setup.py at REF, e.g. ">=0.10.2,<0.11" from "jax[cpu]>=0.10.2,<0.11".
+# The jax requirement of setup.py at REF, e.g. ">=0.12.0.1,<0.13" from "jax[cpu]>=0.12.0.1,<0.13".
 jax_spec() {
   local ref=$1 text line
   text=$(git -C "$REPO_ROOT" show "$ref:setup.py" 2>/dev/null || cat "$REPO_ROOT/setup.py")

@@ -7,7 +7,7 @@ from dvar_jax.data.pipeline import TrainBatches
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.sharding import rules_from_config
-from dvar_jax.train import make_optimizer
+from dvar_jax.step import make_optimizer
 
 STEPS = 3
 

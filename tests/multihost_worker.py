@@ -18,7 +18,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}",
 from multihost_reference import STEPS, batches_for, setup  # noqa: E402
 
 from dvar_jax.sharding import activation_sharding, global_batch, make_mesh  # noqa: E402
-from dvar_jax.train import create_train_state, make_train_step  # noqa: E402
+from dvar_jax.step import create_train_state, make_train_step  # noqa: E402
 
 
 def main():

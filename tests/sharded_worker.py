@@ -22,7 +22,7 @@ from dvar_jax.sharding import (
     make_mesh,
     rules_from_config,
 )
-from dvar_jax.train import (
+from dvar_jax.step import (
     create_train_state,
     evaluate,
     make_eval_step,

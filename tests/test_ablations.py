@@ -358,7 +358,7 @@ def test_ablation_trains_resumes_and_evaluates(variant, text_data_cfg, tmp_path)
     (4 orders, target positions, token masking; they compose), and block diffusion."""
     from dvar_jax.eval.loading import load_run
     from dvar_jax.eval.validation import evaluate_validation
-    from dvar_jax.metrics import read_metrics
+    from dvar_jax.run_dir import read_metrics
     from dvar_jax.train import train
 
     objective = "block_diffusion" if variant == "block_diffusion" else "ar"

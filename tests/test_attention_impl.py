@@ -14,7 +14,7 @@ from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.sharding import activation_sharding, make_mesh, rules_from_config
-from dvar_jax.train import create_train_state, make_optimizer, make_train_step
+from dvar_jax.step import create_train_state, make_optimizer, make_train_step
 
 TINY = dict(vocab_size=128, d_model=32, n_layers=1, n_heads=2, head_dim=16)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dvar_jax import metrics
 from dvar_jax.cli import main
+from dvar_jax.run_dir import RunDir, read_metrics
 
 # A tiny run on the synthetic text corpus: 7 steps of cpu-xs.
 TINY = ["--config.data.source=text", "--config.data.vocab_size=400",
@@ -278,16 +278,16 @@ def _honour_permission_bits(monkeypatch) -> None:
     bit); everything downstream of the probe (the message, that nothing runs) is real."""
     if os.geteuid() != 0:
         return
-    import dvar_jax.train as train_lib
+    import dvar_jax.run_dir as run_dir_lib
 
-    real = train_lib._probe_write
+    real = run_dir_lib._probe_write
 
     def probe(folder: Path) -> None:
         if not os.stat(folder).st_mode & stat.S_IWUSR:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
         real(folder)
 
-    monkeypatch.setattr(train_lib, "_probe_write", probe)
+    monkeypatch.setattr(run_dir_lib, "_probe_write", probe)
 
 
 @contextlib.contextmanager
@@ -337,7 +337,7 @@ def test_a_record_cut_short_by_a_kill_is_dropped(tmp_path):
     """A last line without its newline was being written when the process died: its step is
     redone on resume, so it is dropped rather than refused."""
     _log(tmp_path, GOOD + '{"kind": "train", "st')
-    assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 1]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 1]
 
 
 @pytest.mark.parametrize("bad, why", [
@@ -352,8 +352,8 @@ def test_a_bad_metrics_line_names_file_line_and_what_is_allowed(tmp_path, bad, w
     path.write_bytes(GOOD.encode() + (bad if isinstance(bad, bytes) else bad.encode()))
     before = path.read_bytes()
     with pytest.raises(ValueError) as err:
-        metrics.read_metrics(tmp_path)
+        read_metrics(tmp_path)
     assert f"{path} line 3 is not a metrics record ({why}" in str(err.value)
     with pytest.raises(ValueError):
-        metrics.keep_metrics_through(tmp_path, 1)
+        RunDir(tmp_path).keep_metrics_through(1)
     assert path.read_bytes() == before

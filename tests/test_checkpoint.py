@@ -269,7 +269,7 @@ def _restore_here(workdir, argv) -> tuple[int, dict, list]:
     from dvar_jax.cli import SUBCOMMANDS, _parse
     from dvar_jax.config import transformer_config
     from dvar_jax.sharding import make_mesh, rules_from_config
-    from dvar_jax.train import make_optimizer, plan_train_state
+    from dvar_jax.step import make_optimizer, plan_train_state
 
     cfg = _parse(["dvar train", *argv], SUBCOMMANDS["train"]).config
     model_cfg = transformer_config(cfg, cfg.data.vocab_size)

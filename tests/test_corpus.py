@@ -11,6 +11,7 @@ import pytest
 from dvar_jax.configs.base import get_config
 from dvar_jax.data import corpus as corpus_lib
 from dvar_jax.data.corpus import Document
+from dvar_jax.files import write_atomically
 
 
 def _text_cfg(path, **overrides):
@@ -46,9 +47,9 @@ def test_write_atomically_leaves_no_partial_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        corpus_lib.write_atomically(target, fail)
+        write_atomically(target, fail)
     assert list(target.parent.iterdir()) == []
-    corpus_lib.write_atomically(target, lambda f: f.write(b"whole"))
+    write_atomically(target, lambda f: f.write(b"whole"))
     assert target.read_bytes() == b"whole"
     assert [p.name for p in target.parent.iterdir()] == ["x.bin"]
 

@@ -75,7 +75,7 @@ COMMANDS: dict[str, How] = {
     "dvar train --config=configs/demo.py": How("run", TINY_TRAIN,
                                                expect=("diffusion: best validation loss",)),
     # The 140M model and the sharded run: the study's scale.
-    "dvar train --config=configs/base.py": How("parse"),
+    "dvar train --config=dvar_jax/configs/base.py": How("parse"),
     "dvar eval --workdir=runs/demo/diffusion": How(
         "run", ("--num_mc=2", "--validation_tokens=256"), expect=("appended to",)),
     # Needs the 9 tasks' files (tests/test_downstream.py scores every task end to end).

@@ -24,6 +24,7 @@ from dvar_jax.eval.downstream import (
 )
 from dvar_jax.eval.scoring import Scorer
 from dvar_jax.model.transformer import Transformer, TransformerConfig, padded_vocab_size
+from dvar_jax.objectives import get_objective
 
 RACE_PROBLEMS = [
     {"question": "What color is the kite?", "answer": "A",
@@ -367,12 +368,13 @@ def test_real_tfds_builder_that_is_not_prepared_is_an_error(monkeypatch, tmp_pat
 def scorers(tokenizer):
     vocab = padded_vocab_size(tokenizer.vocab_size)
     out = {}
-    for objective in ("ar", "diffusion"):
+    for name in ("ar", "diffusion"):
+        objective = get_objective(name)
         cfg = TransformerConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2,
-                                head_dim=16, causal=objective == "ar")
-        out[objective] = Scorer(Transformer(cfg, rngs=nnx.Rngs(0)), objective,
-                                tokenizer.vocab_size, 64, eod_id=tokenizer.eod_id,
-                                batch_size=8, num_mc=2)
+                                head_dim=16, causal=objective.causal)
+        out[name] = Scorer(Transformer(cfg, rngs=nnx.Rngs(0)), objective,
+                           tokenizer.vocab_size, 64, eod_id=tokenizer.eod_id,
+                           batch_size=8, num_mc=2)
     return out
 
 

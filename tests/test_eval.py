@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dvar_jax.eval.evaluate import format_evaluation, parse_tasks, run_evaluation
-from dvar_jax.eval.loading import choose_step, load_run
+from dvar_jax.eval.loading import load_run
 from dvar_jax.eval.validation import evaluate_validation, summarize_draws
-from dvar_jax.metrics import read_metrics
+from dvar_jax.run_dir import RunDir, read_metrics
 
 
 def test_summarize_draws_by_hand():
@@ -26,12 +26,13 @@ def test_checkpoint_choice_best_latest_step_and_errors(trained_runs, tmp_path):
     workdir = trained_runs["diffusion"]
     evals = read_metrics(workdir, "eval")
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert choose_step(workdir, "latest") == steps[-1]
-    assert choose_step(workdir, "best") == min(evals, key=lambda r: r["val_loss"])["step"]
-    assert choose_step(workdir, str(steps[0])) == steps[0]
+    choose_step = RunDir(workdir).choose_checkpoint
+    assert choose_step("latest") == steps[-1]
+    assert choose_step("best") == min(evals, key=lambda r: r["val_loss"])["step"]
+    assert choose_step(str(steps[0])) == steps[0]
     with pytest.raises(ValueError, match=r"--checkpoint='7777': allowed best, latest or one of "
                                          rf"the saved steps {steps[0]}"):
-        choose_step(workdir, "7777")
+        choose_step("7777")
     with pytest.raises(ValueError, match="holds no trained run"):
         load_run(tmp_path)
 

@@ -169,7 +169,7 @@ def test_setup_clones_the_ref_and_pins_jax_tpu_to_setup_py():
     assert "git clone --quiet https://github.com/example/dvar-jax.git dvar-jax" in remote
     assert "git -C dvar-jax fetch --quiet origin HEAD" in remote
     assert "checkout --quiet --detach FETCH_HEAD" in remote
-    assert "python3.11 -m venv .venv" in remote
+    assert "python3.12 -m venv .venv" in remote
     i = words.index("install", words.index("--upgrade") + 1)
     pin = f"jax[tpu]{setup_py_jax_spec(git('show', 'HEAD:setup.py').stdout)}"
     assert words[i - 1:i + 5] == [".venv/bin/pip", "install", "--quiet", "-e", ".", pin]
@@ -189,7 +189,7 @@ def test_jax_tpu_pin_is_read_from_setup_py():
 def test_setup_copy_sends_git_archive_of_the_ref():
     sha = git("rev-parse", "HEAD").stdout.strip()
     cmds = dry("setup", f"--name={NAME}", f"--zone={ZONE}", "--copy", "--dir=work/dvar",
-               "--project=my-proj-123", "--python=python3.12")
+               "--project=my-proj-123", "--python=python3.13")
     assert len(cmds) == 4
     archive = cmds[0][5].removeprefix("--output=")
     assert re.fullmatch(rf".*/dvar-jax-{sha[:12]}-\d+\.tar\.gz", archive)
@@ -201,7 +201,7 @@ def test_setup_copy_sends_git_archive_of_the_ref():
     remote = cmds[2][-1].removeprefix("--command=")
     assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
     assert "tar -xzf dvar-jax-src.tar.gz -C work/dvar" in remote
-    assert "cd work/dvar" in remote and "python3.12 -m venv .venv" in remote
+    assert "cd work/dvar" in remote and "python3.13 -m venv .venv" in remote
     assert "install --quiet -e ." in remote
     assert cmds[3] == ["rm", "-f", archive]
     assert not Path(archive).exists()  # a dry run writes nothing
@@ -228,7 +228,7 @@ def run_remote_locally(remote, home, dvar_stub_body, wait_for):
 
 
 def test_train_runs_dvar_train_on_all_workers_under_nohup_and_quotes_args(tmp_path):
-    passed = ["--config=configs/base.py", "--config.objective=diffusion",
+    passed = ["--config=dvar_jax/configs/base.py", "--config.objective=diffusion",
               "--config.train.batch_size=256", AWKWARD]
     (argv,) = dry("train", f"--name={NAME}", f"--zone={ZONE}", "--workdir",
                   "gs://my-bucket/runs/diff 1", "--", *passed)
@@ -610,6 +610,6 @@ def test_bad_dry_run_environment_value():
 def test_help_lists_every_subcommand_and_option(args):
     r = launch(*args)
     assert r.returncode == 0 and r.stderr == ""
-    for word in (*SUBCOMMANDS, *OPTIONS, "v5litepod-8", "dvar-jax", "python3.11"):
+    for word in (*SUBCOMMANDS, *OPTIONS, "v5litepod-8", "dvar-jax", "python3.12"):
         assert re.search(rf"(^|\s){re.escape(word)}\b", r.stdout), word
     assert "default" in r.stdout and "TPU_NAME" in r.stdout and "DRY_RUN" in r.stdout

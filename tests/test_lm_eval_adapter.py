@@ -116,7 +116,7 @@ def tasks_dir(tmp_path_factory) -> Path:
 def test_loglikelihood_equals_the_scorers(adapters, trained_runs, objective):
     adapter = adapters[objective]
     run = load_run(trained_runs[objective], "latest")
-    scorer = Scorer(run.model, objective, run.mask_id, SEQ_LEN, eod_id=run.tokenizer.eod_id,
+    scorer = Scorer(run.model, run.objective, run.mask_id, SEQ_LEN, eod_id=run.tokenizer.eod_id,
                     batch_size=4, num_mc=8, seed=3)
     expected = scorer.loglikelihood(encode_pairs(run.tokenizer, PAIRS))
     got = adapter.loglikelihood(requests("loglikelihood", PAIRS))

@@ -221,8 +221,8 @@ def _block_diffusion_allowed_by_rule(half: int, block: int) -> np.ndarray:
 def test_block_diffusion_model_matches_reference(tokens, block):
     """diffusion_block=B on a [noisy; clean] input of 2 * SEQ tokens (positions 0..SEQ-1 twice):
     the model equals the bidirectional float64 reference under the block mask written out by
-    rule, and the mask predicate of model/masks.py equals that rule."""
-    from dvar_jax.model.masks import block_diffusion_mask
+    rule, and the mask predicate of kernels/masks.py equals that rule."""
+    from dvar_jax.kernels.masks import block_diffusion_mask
 
     rule = _block_diffusion_allowed_by_rule(SEQ // 2, block)
     np.testing.assert_array_equal(np.asarray(block_diffusion_mask(SEQ, block)), rule)

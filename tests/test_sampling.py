@@ -9,6 +9,7 @@ from flax import nnx
 from dvar_jax.eval import sampling
 from dvar_jax.eval.sampling import generate, sample_ar, sample_diffusion, top_p_filter
 from dvar_jax.model.transformer import Transformer, TransformerConfig
+from dvar_jax.objectives import get_objective
 
 VOCAB = 64  # embedding rows
 LIMIT = 60  # the tokenizer's ids; MASK = 60, rows 61..63 padding
@@ -323,7 +324,8 @@ class CharTokenizer:
 def test_generate_text(ar_model, diff_model, objective):
     model = ar_model if objective == "ar" else diff_model
     prompts = ["abc", "", "hello"]
-    run = lambda seed: generate(model, CharTokenizer(), prompts, objective=objective, n_new=6,
+    run = lambda seed: generate(model, CharTokenizer(), prompts,
+                                objective=get_objective(objective), n_new=6,
                                 seed=seed, seq_len=SEQ, stop_at_eod=False)
     texts = run(0)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
@@ -331,4 +333,5 @@ def test_generate_text(ar_model, diff_model, objective):
     assert run(0) == texts and run(1) != texts
     other = diff_model if objective == "ar" else ar_model
     with pytest.raises(ValueError, match=f"objective='{objective}' needs a model with causal="):
-        generate(other, CharTokenizer(), prompts, objective=objective, n_new=6, seed=0)
+        generate(other, CharTokenizer(), prompts, objective=get_objective(objective), n_new=6,
+                 seed=0)

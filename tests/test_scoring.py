@@ -13,11 +13,13 @@ from dvar_jax.eval import scoring
 from dvar_jax.eval.scoring import Scorer, mc_draws, request_key
 from dvar_jax.model.output import logits_sequence_losses
 from dvar_jax.model.transformer import Transformer, TransformerConfig
+from dvar_jax.objectives import get_objective
 
 VOCAB = 64  # embedding rows
 MASK_ID = 60  # the tokenizer has ids 0..59; 61..63 are padding rows
 EOD = 1
 SEQ = 16
+AR, DIFFUSION = get_objective("ar"), get_objective("diffusion")
 
 
 def tiny_transformer(causal: bool, seed: int = 0) -> Transformer:
@@ -126,7 +128,7 @@ def test_ar_loglikelihood_is_exact_against_float64_numpy(ar_model):
                 (ids(rng, 10), ids(rng, 6))]
     ctx = ids(rng, 4)
     requests.append((ctx, ar_greedy_reference(ar_model, ctx, 3)))  # a greedy continuation
-    scorer = Scorer(ar_model, "ar", MASK_ID, SEQ, eod_id=EOD, batch_size=3)
+    scorer = Scorer(ar_model, AR, MASK_ID, SEQ, eod_id=EOD, batch_size=3)
     got = scorer.loglikelihood(requests)
     for (ll, greedy), (ctx, cont) in zip(got, requests, strict=True):
         want_ll, want_greedy = ar_reference(ar_model, ctx, cont)
@@ -135,13 +137,13 @@ def test_ar_loglikelihood_is_exact_against_float64_numpy(ar_model):
     assert got[-1][1] and not all(g for _, g in got[:-1])
     assert [se for _, se in scorer.loglikelihood_with_stderr(requests)] == [0.0] * len(requests)
     # Batch size changes nothing.
-    again = Scorer(ar_model, "ar", MASK_ID, SEQ, eod_id=EOD, batch_size=2).loglikelihood(requests)
+    again = Scorer(ar_model, AR, MASK_ID, SEQ, eod_id=EOD, batch_size=2).loglikelihood(requests)
     np.testing.assert_allclose(np.array(again), np.array(got), rtol=1e-6)
 
 
 def test_ar_empty_context_starts_from_eod_and_long_contexts_are_left_truncated(ar_model):
     rng = np.random.default_rng(1)
-    scorer = Scorer(ar_model, "ar", MASK_ID, SEQ, eod_id=EOD, batch_size=4)
+    scorer = Scorer(ar_model, AR, MASK_ID, SEQ, eod_id=EOD, batch_size=4)
     cont, long_ctx = ids(rng, 3), ids(rng, 40)
     got = scorer.loglikelihood([([], cont), ([EOD], cont), (long_ctx, cont),
                                 (long_ctx[-(SEQ + 1 - 3):], cont), (long_ctx, ids(rng, SEQ))])
@@ -158,14 +160,14 @@ def test_ar_empty_context_starts_from_eod_and_long_contexts_are_left_truncated(a
 
 
 def test_ar_greedy_continuation(ar_model):
-    scorer = Scorer(ar_model, "ar", MASK_ID, SEQ, eod_id=EOD, batch_size=2)
+    scorer = Scorer(ar_model, AR, MASK_ID, SEQ, eod_id=EOD, batch_size=2)
     rng = np.random.default_rng(2)
     prompts = [(ids(rng, 3), 4), ([], 2), (ids(rng, 6), 0)]
     got = scorer.greedy_continuations(prompts)
     assert got == [ar_greedy_reference(ar_model, c, n) for c, n in prompts]
     assert scorer.greedy_continuation(*prompts[0]) == got[0]
     # Hand-built: successor model; long contexts keep their end; an empty one starts at eod.
-    toy = Scorer(SuccessorModel(), "ar", MASK_ID, 8, eod_id=EOD, batch_size=2)
+    toy = Scorer(SuccessorModel(), AR, MASK_ID, 8, eod_id=EOD, batch_size=2)
     assert toy.greedy_continuations([([3, 5], 4), ([], 3), (list(range(3, 20)), 4)]) == [
         [6, 7, 8, 9], [2, 3, 4], [20, 21, 22, 23]]
     with pytest.raises(ValueError, match="at most 7"):
@@ -210,7 +212,7 @@ def test_mc_draws_are_stratified_bernoulli_masks():
 def test_mc_estimate_reproduced_by_hand_from_the_same_keys(diffusion_model):
     rng = np.random.default_rng(3)
     requests = [(ids(rng, 4), ids(rng, 5)), (ids(rng, 30), ids(rng, 3)), ([], ids(rng, 6))]
-    scorer = Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=2,
+    scorer = Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=2,
                     num_mc=3, seed=5)
     got = scorer.loglikelihood_with_stderr(requests)
     for i, ((ll, se), (ctx, cont)) in enumerate(zip(got, requests, strict=True)):
@@ -224,7 +226,7 @@ def test_mc_results_depend_on_seed_and_index_not_on_batch_size(diffusion_model):
     requests = [(ids(rng, 3 + i), ids(rng, 2 + i % 3)) for i in range(5)]
 
     def run(batch_size, seed=0):
-        return np.array(Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD,
+        return np.array(Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD,
                                batch_size=batch_size, num_mc=3, seed=seed)
                         .loglikelihood_with_stderr(requests))
 
@@ -232,7 +234,7 @@ def test_mc_results_depend_on_seed_and_index_not_on_batch_size(diffusion_model):
     np.testing.assert_allclose(run(1), run(2), rtol=1e-5)
     assert not np.allclose(run(2), run(2, seed=1))
     # The same request at another index gets other masks.
-    twice = Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=2,
+    twice = Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=2,
                    num_mc=3).loglikelihood_with_stderr([requests[0]] * 3)
     assert len({ll for ll, _ in twice}) > 1
 
@@ -243,17 +245,17 @@ def test_mc_is_unbiased_for_input_independent_logits():
     table = np.random.default_rng(5).normal(size=(SEQ, VOCAB)) * 2
     ctx, cont = [5, 6, 7], [8, 9, 10, 11, 12]
     exact = sum(log_softmax64(table)[3 + k, t] for k, t in enumerate(cont))
-    scorer = Scorer(ConstantModel(table), "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=50,
+    scorer = Scorer(ConstantModel(table), DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=50,
                     num_mc=4)
     estimates = np.array([ll for ll, _ in scorer.loglikelihood_with_stderr([(ctx, cont)] * 200)])
     assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(200)
     # Chain rule is exact for such a model.
-    chain = Scorer(ConstantModel(table), "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=4,
+    chain = Scorer(ConstantModel(table), DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=4,
                    diffusion_method="chain_rule")
     (ll, se), = chain.loglikelihood_with_stderr([(ctx, cont)])
     assert (ll, se) == (pytest.approx(exact, rel=1e-5), 0.0)
     # One draw has no standard error.
-    one = Scorer(ConstantModel(table), "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=1,
+    one = Scorer(ConstantModel(table), DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=1,
                  num_mc=1)
     (ll, se), = one.loglikelihood_with_stderr([(ctx, cont)])
     assert np.isfinite(ll) and np.isnan(se)
@@ -264,7 +266,7 @@ def test_mc_draw_at_t_zero_masks_nothing_and_contributes_zero(monkeypatch):
     monkeypatch.setattr(scoring, "stratified_times", lambda rng, num_mc: jnp.zeros(num_mc))
     table = np.random.default_rng(6).normal(size=(SEQ, VOCAB))
     # num_mc = 5 is used by no other test, so this compiles afresh with the patched times.
-    scorer = Scorer(ConstantModel(table), "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=1,
+    scorer = Scorer(ConstantModel(table), DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=1,
                     num_mc=5)
     assert scorer.loglikelihood_with_stderr([([4, 5], [6, 7])]) == [(0.0, 0.0)]
 
@@ -275,7 +277,7 @@ def test_mc_draw_at_t_zero_masks_nothing_and_contributes_zero(monkeypatch):
 def test_chain_rule_against_hand_loop(diffusion_model):
     rng = np.random.default_rng(7)
     requests = [(ids(rng, 4), ids(rng, 3)), (ids(rng, 20), ids(rng, 2)), ([], ids(rng, 2))]
-    scorer = Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=4,
+    scorer = Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=4,
                     diffusion_method="chain_rule")
     for (ll, _), (ctx, cont) in zip(scorer.loglikelihood_with_stderr(requests), requests,
                                     strict=True):
@@ -296,7 +298,7 @@ def test_diffusion_greedy_commits_the_most_confident_position_first():
     # 5..7 is the most confident of all but must never be filled. Step s sees 2 + s non-MASK
     # tokens, so the token committed at step s is 2 + s: order pos 3, 4, 2 -> [4, 2, 3].
     toy = CountingModel([0, 0, 1, 3, 2, 5, 5, 5])
-    scorer = Scorer(toy, "diffusion", MASK_ID, 8, eod_id=EOD, batch_size=2)
+    scorer = Scorer(toy, DIFFUSION, MASK_ID, 8, eod_id=EOD, batch_size=2)
     assert scorer.greedy_continuation([7, 8], 3) == [4, 2, 3]
     # Batched with rows of other lengths (and n = 0) gives the same. Row 2: position 2 (scale
     # 1) takes 1 first, then position 1 (scale 0: uniform logits, argmax token 0).
@@ -318,7 +320,7 @@ def test_diffusion_greedy_on_a_real_model_matches_a_hand_loop(diffusion_model):
         open_ = np.flatnonzero(row[:3 + n] == MASK_ID)
         best = open_[np.argmax(logp[open_, :MASK_ID].max(axis=-1))]
         row[best] = np.argmax(logp[best, :MASK_ID])
-    scorer = Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, batch_size=2)
+    scorer = Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, batch_size=2)
     assert scorer.greedy_continuation(ctx, n) == row[3:3 + n].tolist()
 
 
@@ -327,16 +329,18 @@ def test_diffusion_greedy_on_a_real_model_matches_a_hand_loop(diffusion_model):
 
 def test_bad_arguments_are_one_line_errors(ar_model, diffusion_model):
     with pytest.raises(ValueError, match="objective='bert'"):
-        Scorer(ar_model, "bert", MASK_ID, SEQ, eod_id=EOD)
+        Scorer(ar_model, get_objective("bert"), MASK_ID, SEQ, eod_id=EOD)
+    with pytest.raises(ValueError, match="objective='block_diffusion' is not one of"):
+        Scorer(diffusion_model, get_objective("block_diffusion"), MASK_ID, SEQ, eod_id=EOD)
     with pytest.raises(ValueError, match="diffusion_method='elbo'"):
-        Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, diffusion_method="elbo")
+        Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, diffusion_method="elbo")
     with pytest.raises(ValueError, match="needs a bidirectional model"):
-        Scorer(ar_model, "diffusion", MASK_ID, SEQ, eod_id=EOD)
+        Scorer(ar_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD)
     with pytest.raises(ValueError, match="num_mc=0"):
-        Scorer(diffusion_model, "diffusion", MASK_ID, SEQ, eod_id=EOD, num_mc=0)
+        Scorer(diffusion_model, DIFFUSION, MASK_ID, SEQ, eod_id=EOD, num_mc=0)
     with pytest.raises(ValueError, match="mask_id=64 must be below the model's vocab_size=64"):
-        Scorer(ar_model, "ar", VOCAB, SEQ, eod_id=EOD)
-    scorer = Scorer(ar_model, "ar", MASK_ID, SEQ, eod_id=EOD)
+        Scorer(ar_model, AR, VOCAB, SEQ, eod_id=EOD)
+    scorer = Scorer(ar_model, AR, MASK_ID, SEQ, eod_id=EOD)
     with pytest.raises(ValueError, match=r"request 1 has token id 60; allowed: .*\[0, 60\)"):
         scorer.loglikelihood([([3], [4]), ([3, MASK_ID], [4])])
     with pytest.raises(ValueError, match="n_tokens=-1"):

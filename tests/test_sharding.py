@@ -211,7 +211,7 @@ def test_two_hosts_each_feeding_its_rows_match_one_device(objective):
     sys.path.insert(0, str(TESTS))
     from multihost_reference import STEPS, batches_for, setup
 
-    from dvar_jax.train import create_train_state, make_train_step
+    from dvar_jax.step import create_train_state, make_train_step
 
     cfg, model_cfg, tx, objective_fn, _ = setup(objective)
     graphdef, state, _ = create_train_state(model_cfg, tx, cfg.seed)

@@ -273,7 +273,7 @@ def test_a_required_value_left_unset_is_refused(paper_grid, tmp_path):
 _APPENDER = """
 import sys
 from pathlib import Path
-from dvar_jax.sweep import append_once
+from dvar_jax.results import append_once
 path, tag = Path(sys.argv[1]), sys.argv[2]
 for i in range(40):
     append_once(path, {"name": f"run-{i}", "writer": tag, "pad": "x" * 5000})

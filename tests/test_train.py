@@ -13,15 +13,15 @@ from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import TransformerConfig
 from dvar_jax.objectives import get_objective
 from dvar_jax.objectives.ar import ar_sequence_losses
-from dvar_jax.train import (
+from dvar_jax.step import (
     create_train_state,
     evaluate,
     lr_schedule,
     make_eval_step,
     make_optimizer,
     make_train_step,
-    train,
 )
+from dvar_jax.train import train
 
 TINY = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=2, head_dim=16)
 

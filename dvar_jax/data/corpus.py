@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 SOURCES = ("shakespeare", "text")
 
@@ -61,23 +61,6 @@ def cache_dir(data_cfg: Any) -> Path:
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Calls `write` on a temporary file beside `path`, then renames it into place.
-
-    The rename is atomic on one filesystem, so a concurrent reader sees either no file or
-    the whole file, never a half-written one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fingerprint(train: Iterable[Document], validation: Iterable[Document]) -> str:

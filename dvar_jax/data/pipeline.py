@@ -22,8 +22,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from dvar_jax.data.corpus import Document, cache_dir, load_corpus, write_atomically
+from dvar_jax.data.corpus import Document, cache_dir, load_corpus
 from dvar_jax.data.tokenizer import Tokenizer, load_tokenizer
+from dvar_jax.files import write_atomically
 
 # Documents are encoded in groups of about this many characters, so the intermediate Python
 # lists stay small next to the int32 result.

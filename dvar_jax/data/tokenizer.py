@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dvar_jax.data.corpus import Corpus, Document, cache_dir, write_atomically
+from dvar_jax.data.corpus import Corpus, Document, cache_dir
+from dvar_jax.files import write_atomically
 
 TOKENIZER_TYPES = ("unigram", "bpe")
 

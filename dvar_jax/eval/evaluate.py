@@ -8,6 +8,7 @@ from dvar_jax.eval.downstream import TASKS, check_task, evaluate_task
 from dvar_jax.eval.loading import load_run
 from dvar_jax.eval.scoring import Scorer
 from dvar_jax.eval.validation import evaluate_validation
+from dvar_jax.objectives import Decoding, get_objective
 from dvar_jax.results import append_record
 
 RESULTS_FILE = "eval.jsonl"
@@ -51,10 +52,11 @@ def run_evaluation(workdir: str | Path, *, checkpoint: str = "best", num_mc: int
     record |= evaluate_validation(run, num_mc=num_mc, batch_size=batch_size, seed=seed,
                                   validation_tokens=validation_tokens)
     if tasks:
-        scorer = Scorer(run.model, run.objective.name, run.mask_id, run.cfg.data.seq_len,
+        scorer = Scorer(run.model, run.objective, run.mask_id, run.cfg.data.seq_len,
                         eod_id=run.tokenizer.eod_id, batch_size=batch_size, num_mc=num_mc,
                         diffusion_method=diffusion_method, seed=seed)
-        record["diffusion_method"] = diffusion_method if run.objective.name == "diffusion" else None
+        unmasking = run.objective.decoding is Decoding.UNMASKING
+        record["diffusion_method"] = diffusion_method if unmasking else None
         record["tasks"] = {task: evaluate_task(scorer, run.tokenizer, task, tasks_dir, limit,
                                                source=source) for task in tasks}
     append_record(Path(workdir) / RESULTS_FILE, record)
@@ -63,10 +65,11 @@ def run_evaluation(workdir: str | Path, *, checkpoint: str = "best", num_mc: int
 
 def format_evaluation(record: dict) -> str:
     """The record as a small table: validation first, then one row per task."""
+    exact = get_objective(record["objective"]).exact  # the record names its objective
     lines = [
         f"{record['objective']} at step {record['step']} ({record['checkpoint']} checkpoint)",
         f"  validation loss  {record['val_loss']:.4f} nats/token"
-        + ("" if record["objective"] == "ar" else
+        + ("" if exact else
            f" ± {record['val_loss_stderr']:.4f} (Monte-Carlo s.e., K = {record['num_mc']})"),
         f"  bits per token   {record['bits_per_token']:.4f}",
         f"  bits per byte    {record['bits_per_byte']:.4f}"

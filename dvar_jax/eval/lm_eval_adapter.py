@@ -59,7 +59,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dvar_jax.eval.downstream import encode_pairs
 from dvar_jax.eval.loading import load_run
-from dvar_jax.eval.scoring import DIFFUSION_METHODS, Scorer
+from dvar_jax.eval.scoring import Scorer, check_diffusion_method
 
 log = logging.getLogger(__name__)
 
@@ -111,28 +111,26 @@ class DvarLM(LM):
             # Not an error: a newer harness may pass more to every model's constructor.
             log.warning("dvar: ignoring model arguments %s; known: workdir, checkpoint, num_mc, "
                         "diffusion_method, batch_size, seed, max_gen_toks", unknown)
-        if str(diffusion_method) not in DIFFUSION_METHODS:
-            raise ValueError(f"diffusion_method={diffusion_method!r} is not one of "
-                             f"{DIFFUSION_METHODS}")
         # Every argument is checked before the (slow) loading.
+        check_diffusion_method(str(diffusion_method))
         settings = dict(batch_size=_batch_size(batch_size), num_mc=_as_int("num_mc", num_mc, 1),
                         diffusion_method=str(diffusion_method), seed=_as_int("seed", seed, 0))
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 0)
         # lm-eval's parser turns `checkpoint=1000` into an int; load_run wants the text.
         self.run = load_run(str(workdir), str(checkpoint))
         self.tokenizer = self.run.tokenizer
-        self.objective = self.run.objective.name
+        self.objective = self.run.objective
         self.seq_len = int(self.run.cfg.data.seq_len)
         self.scorer = Scorer(self.run.model, self.objective, self.run.mask_id, self.seq_len,
                              eod_id=self.tokenizer.eod_id, **settings)
         self._warned_sampling = False
-        log.info("dvar: %s run %s at step %d (seq_len %d)", self.objective, workdir,
+        log.info("dvar: %s run %s at step %d (seq_len %d)", self.objective.name, workdir,
                  self.run.step, self.seq_len)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results["config"]: what was evaluated, and how."""
         return {"dvar_workdir": str(self.run.workdir), "dvar_step": self.run.step,
-                "dvar_objective": self.objective, "dvar_seq_len": self.seq_len,
+                "dvar_objective": self.objective.name, "dvar_seq_len": self.seq_len,
                 "dvar_num_mc": self.scorer.num_mc,
                 "dvar_diffusion_method": self.scorer.diffusion_method,
                 "dvar_seed": self.scorer.seed}
@@ -191,18 +189,14 @@ class DvarLM(LM):
 
     # ------------------------------------------------------------ helpers
 
-    def _room(self) -> int:
-        """Tokens a greedy fill can hold: AR keeps one window position for a start token."""
-        return self.seq_len - 1 if self.objective == "ar" else self.seq_len
-
     def _n_new(self, n_context: int, budget: int) -> int:
         """How many tokens to generate after a context of n_context tokens."""
-        room = self._room()
+        room = self.scorer.room
         return min(budget, max(room - n_context, room // 2))
 
     def _context_room(self, n_new: int) -> int:
         """Context tokens kept (from the end) with n_new to generate, as the Scorer keeps."""
-        return self._room() - n_new
+        return self.scorer.room - n_new
 
     def _decode_continuation(self, context: list[int], new: list[int]) -> str:
         """The text of `new` as it reads after `context`, up to the end-of-document id.

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dvar_jax.objectives import Decoding, Objective, decoded_objective_names
+
 METHODS = ("ancestral", "confidence")
-OBJECTIVES = ("ar", "diffusion")
 
 # Incremented each time a sampler's Python body is traced (i.e. compiled); tests read it to
 # check that a repeated call with the same shapes and settings does not retrace.
@@ -346,7 +347,7 @@ def sample_diffusion(model: nnx.Module, prompts: Any, n_new: int, *, key: jax.Ar
 
 # --- text in, text out ------------------------------------------------------------------------
 
-def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, objective: str,
+def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, objective: Objective,
              n_new: int, seed: int, seq_len: int | None = None, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
              method: str = "ancestral", tokens_per_step: int | None = None,
@@ -356,17 +357,19 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, objec
     Each prompt is encoded after an end-of-document id, since every document of the train
     stream follows one; an empty prompt is just that start token. MASK is the first id after
     the tokenizer's (`tokenizer.vocab_size`), which also bounds the sampled ids. A continuation
-    is decoded up to its first eod. objective "ar": temperature, top_k, top_p, stop_at_eod
-    apply; "diffusion": temperature, steps (default n_new), method, tokens_per_step apply.
+    is decoded up to its first eod. The objective's decoding picks the sampler: next-token
+    (`sample_ar`; temperature, top_k, top_p, stop_at_eod apply) or unmasking
+    (`sample_diffusion`; temperature, steps (default n_new), method, tokens_per_step apply).
     seq_len: the model's training window (diffusion pads its buffer to it with MASK). The same
     seed gives the same text.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective.decoding is None:
+        raise ValueError(f"objective must be one of {decoded_objective_names()}, got "
+                         f"{objective.name!r}")
     causal = getattr(getattr(model, "cfg", None), "causal", None)
-    if causal is not None and causal != (objective == "ar"):
-        raise ValueError(f"objective={objective!r} needs a model with causal="
-                         f"{objective == 'ar'}, got causal={causal}")
+    if causal is not None and causal != objective.causal:
+        raise ValueError(f"objective={objective.name!r} needs a model with causal="
+                         f"{objective.causal}, got causal={causal}")
     if len(prompts) == 0:
         return []
     ids = [[tokenizer.eod_id, *tokenizer.encode(p)] for p in prompts]
@@ -376,7 +379,7 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, objec
         row[:len(x)] = x
     key = jax.random.key(seed)
     vocab = tokenizer.vocab_size
-    if objective == "ar":
+    if objective.decoding is Decoding.NEXT_TOKEN:
         out = sample_ar(model, batch, n_new, key=key, vocab_limit=vocab, temperature=temperature,
                         top_k=top_k, top_p=top_p, prompt_lengths=lengths, seq_len=seq_len,
                         eod_id=tokenizer.eod_id if stop_at_eod else None)

@@ -1,49 +1,18 @@
-"""Log-likelihood scoring of (context, continuation) token pairs, as the study scores its
-downstream tasks (PAPER.md §6), for AR and masked-diffusion models.
+"""Log-likelihood scoring of (context, continuation) token pairs with one AR or masked-diffusion
+model, as the study scores its downstream tasks (PAPER.md §6).
 
-Every request is packed into one row of a fixed [batch_size, seq_len] array (the last batch
-padded with copies of its first row, whose results are dropped), so one compiled function
-serves every task. A context too long for the window is left-truncated; a continuation that
-cannot fit is an error.
+Contract: `Scorer.loglikelihood` returns (log p(continuation | context), is_greedy) per
+request, `loglikelihood_with_stderr` (log-likelihood, Monte-Carlo standard error), and
+`greedy_continuations` the greedy fill of n tokens after each context. Next-token objectives
+(AR) are scored exactly; unmasking objectives (masked diffusion) by `diffusion_method`: `mc`, the
+study's Monte-Carlo ELBO estimate (a lower bound), or `chain_rule`, exact for left-to-right
+order. A context too long for the window is left-truncated; a continuation that cannot fit is
+an error. A result depends on the seed and the request's index in the call, never on
+batch_size or on the other requests. Argmaxes range over the tokenizer's ids (< mask_id);
+log-probabilities are normalised over the whole embedding table, as the training loss is.
 
-- AR (exact): input (ctx + cont)[:-1], with the end-of-document id standing in for an empty
-  context (the training stream separates documents with it, so it acts as a beginning of text);
-  the score is the sum of log p over the continuation's positions. `is_greedy`: every
-  continuation token is the argmax.
-- Diffusion, `mc` (the study's `--eval_method mc`): the context stays clean, the continuation's
-  positions are the only ones that can be masked, the sequence is right-padded to seq_len with
-  MASK (padding is never scored). num_mc draws at stratified t_i = (u0 + i/num_mc) mod 1,
-  p_i = (1 - eps) t_i + eps with eps = 0 (the study's `--sampling_eps 0.0`); draw i masks each
-  continuation token with probability p_i and contributes -sum_{masked} CE / p_i. The score is
-  the mean over draws, an unbiased estimate of the ELBO, a lower bound on log p(continuation |
-  context); its standard error is the draws' sample standard deviation / sqrt(num_mc)
-  (treating the stratified draws as independent, which overstates it slightly). A draw at
-  t = 0 masks nothing and contributes 0, as in the study (its masked sum is empty), never 0/0.
-  With eps = 0 a draw at small t weights its (rare) masked token by 1/t without bound: the
-  estimator's variance is infinite in theory and a single request's standard error is
-  unreliable (benchmarks/eval_variance.py: one draw of -6,307 nats against a typical -35, and
-  the spread falls slower than 1/sqrt(K)). Compare choices at K >= 32, as the study does.
-- Diffusion, `chain_rule` (the study's `--eval_method ar`): for continuation token k, mask
-  positions k..end of the continuation (and the padding) and read log p at k; the sum is exact
-  for left-to-right order. One model call per continuation token.
-- Diffusion `is_greedy`: confidence-ordered greedy filling (below) reproduces the continuation.
-
-Greedy continuation: AR takes the argmax token by token; diffusion masks n tokens after the
-context (the rest of the window MASK-padded) and, for n steps, predicts every still-masked
-continuation position and commits the single most confident one (max softmax probability, ties
-to the leftmost), never remasking (PAPER.md §6 "MDM LAMBADA", §10).
-
-Argmaxes range over the tokenizer's ids only (< mask_id): MASK and the embedding's padding rows
-are never targets in training, so a trained model gives them ~0 probability, and excluding them
-keeps a barely trained model's outputs decodable. Log-probabilities are normalised over the
-whole embedding table, as the training loss is.
-
-Randomness: request i of a call uses key fold_in(key(seed), i) (split into a key for u0 and one
-for the masks, draw k's mask from fold_in(mask_key, k)), so a result depends on the seed and the
-request's index in the call, never on batch_size or on the other requests.
-
-Memory: each model call builds [batch_size, seq_len, vocab] float32 logits (the `mc` path goes
-through `model.sequence_losses`, so with `model.loss_impl` chunked or pallas it does not).
+The estimators, the packing into fixed [batch_size, seq_len] rows, the keys and the memory use
+are derived in docs/evaluation.md ("Scoring in detail").
 """
 
 from __future__ import annotations
@@ -56,14 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dvar_jax.objectives import Decoding, Objective, decoded_objective_names
 from dvar_jax.objectives.diffusion import stratified_times
 
-OBJECTIVES = ("ar", "diffusion")
 DIFFUSION_METHODS = ("mc", "chain_rule")
 # The study's `--sampling_eps`: p = t, no floor (PAPER.md §6).
 SAMPLING_EPS = 0.0
 
 Request = tuple[Sequence[int], Sequence[int]]
+
+
+def check_diffusion_method(method: str) -> None:
+    """Raises ValueError unless `method` is one of DIFFUSION_METHODS."""
+    if method not in DIFFUSION_METHODS:
+        raise ValueError(f"diffusion_method={method!r} is not one of {DIFFUSION_METHODS}")
 
 
 # ---------------------------------------------------------------- randomness
@@ -200,14 +175,13 @@ class Scorer:
     snapshotted (`nnx.split`) at construction: build a new Scorer after further training.
     """
 
-    def __init__(self, model: nnx.Module, objective: str, mask_id: int, seq_len: int, *,
+    def __init__(self, model: nnx.Module, objective: Objective, mask_id: int, seq_len: int, *,
                  eod_id: int, batch_size: int = 16, num_mc: int = 32,
                  diffusion_method: str = "mc", seed: int = 0):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
-        if diffusion_method not in DIFFUSION_METHODS:
-            raise ValueError(f"diffusion_method={diffusion_method!r} is not one of "
-                             f"{DIFFUSION_METHODS}")
+        if objective.decoding is None:
+            raise ValueError(f"objective={objective.name!r} is not one of "
+                             f"{decoded_objective_names()}")
+        check_diffusion_method(diffusion_method)
         for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
                                    ("num_mc", num_mc, 1), ("mask_id", mask_id, 1)):
             if not isinstance(value, int) or value < least:
@@ -218,16 +192,23 @@ class Scorer:
         if cfg is not None and not mask_id < getattr(cfg, "vocab_size", mask_id + 1):
             raise ValueError(f"mask_id={mask_id} must be below the model's vocab_size="
                              f"{cfg.vocab_size} (its embedding rows)")
-        if cfg is not None and getattr(cfg, "causal", objective == "ar") != (objective == "ar"):
-            raise ValueError(f"objective={objective!r} needs a "
-                             f"{'causal' if objective == 'ar' else 'bidirectional'} model, got "
+        if cfg is not None and getattr(cfg, "causal", objective.causal) != objective.causal:
+            raise ValueError(f"objective={objective.name!r} needs a "
+                             f"{'causal' if objective.causal else 'bidirectional'} model, got "
                              f"causal={cfg.causal}")
         self.objective, self.diffusion_method = objective, diffusion_method
+        self._next_token = objective.decoding is Decoding.NEXT_TOKEN
         self.mask_id, self.seq_len, self.eod_id = mask_id, seq_len, eod_id
         self.batch_size, self.num_mc, self.seed = batch_size, num_mc, seed
         self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------ public API
+
+    @property
+    def room(self) -> int:
+        """Window positions a greedy fill can use for context + new tokens (a next-token model
+        keeps one for the start token)."""
+        return self.seq_len - 1 if self._next_token else self.seq_len
 
     def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """Per request (log p(continuation | context), is_greedy), lm-eval's `loglikelihood`."""
@@ -241,14 +222,15 @@ class Scorer:
         return [(float(ll), float(se)) for ll, se in zip(logliks, stderrs, strict=True)]
 
     def greedy_continuation(self, context: Sequence[int], n_tokens: int) -> list[int]:
-        """The n_tokens greedy continuation of `context` (see the module docstring)."""
+        """The n_tokens greedy continuation of `context`: next-token models take the argmax token
+        by token; unmasking models commit the most confident masked position per step
+        (docs/evaluation.md)."""
         return self.greedy_continuations([(context, n_tokens)])[0]
 
     def greedy_continuations(self, prompts: Sequence[tuple[Sequence[int], int]]
                              ) -> list[list[int]]:
         """`greedy_continuation` of each (context, n_tokens), batched."""
-        ar = self.objective == "ar"
-        room = self.seq_len - 1 if ar else self.seq_len  # AR keeps >= 1 context token
+        ar, room = self._next_token, self.room
         buf = np.full((len(prompts), self.seq_len), self.eod_id if ar else self.mask_id,
                       np.int32)
         start = np.zeros(len(prompts), np.int32)
@@ -288,7 +270,7 @@ class Scorer:
             self._check_ids(i, ctx + cont)
         if not requests:
             return np.zeros(0), np.zeros(0), np.zeros(0, bool)
-        if self.objective == "ar":
+        if self._next_token:
             logliks, greedy = self._ar(requests)
             return logliks, np.zeros(len(requests)), greedy
         if self.diffusion_method == "mc":

@@ -1,10 +1,10 @@
 """Validation loss of a trained run, as the study reports it (PAPER.md §5.1).
 
-AR: the exact mean next-token NLL. Diffusion: the ELBO estimated with K mask draws per sequence at
-stratified noise levels (the study: K = 32), with the Monte-Carlo standard error of the estimate
-(the spread of the draws within each sequence; the validation set itself is fixed, so its
-sequence-to-sequence spread is not estimation error). Also in bits per token and bits per UTF-8
-byte, the latter comparable across tokenizers.
+Exact objectives (AR): the mean next-token NLL. Others (diffusion): the negative ELBO estimated
+with K mask draws per sequence at stratified noise levels (the study: K = 32), with the
+Monte-Carlo standard error of the estimate (the spread of the draws within each sequence; the
+validation set itself is fixed, so its sequence-to-sequence spread is not estimation error).
+Also in bits per token and bits per UTF-8 byte, the latter comparable across tokenizers.
 """
 
 import math
@@ -77,8 +77,7 @@ def evaluate_validation(run: LoadedRun, *, num_mc: int, batch_size: int, seed: i
     loss, stderr = summarize_draws(draws, seq)
     if run.objective.exact:
         stderr = 0.0
-    # The tokens scored: AR predicts tokens[1:], (block) diffusion reconstructs tokens[:-1].
-    scored = windows[:, 1:] if run.objective.name == "ar" else windows[:, :-1]
+    scored = run.objective.scored_tokens(windows)
     num_bytes = int(token_byte_lengths(run.tokenizer)[scored].sum())
     nats = loss * scored.size
     return {

@@ -29,14 +29,13 @@ is shrunk to it. On TPU prefer block_v a multiple of 128 (the logits tile's lane
 
 Matmuls take the inputs' dtype and accumulate in float32; logits, logsumexp and the loss are
 float32. For bfloat16 inputs the logits cotangent is cast to bfloat16 before the gradient
-matmuls (as the MXU wants), so gradients carry bfloat16 rounding. The kernels are Mosaic TPU
-kernels: tests/test_kernels.py compiles them (forward, dh, dE) through Mosaic for an abstract
-TPU v5p device, and benchmarks/kernels.py reads the compiled program's memory (at T 8192,
-V 50304, d 1024 bf16: 206 MiB temporary against 3.1 GiB for `xla_cross_entropy`, nearly all of
-it the padded copies of the embedding and its gradient, V not being a multiple of block_v 512;
-a block_v dividing V, e.g. 384, needs 4 MiB); they have not yet run on a TPU chip. See
-`flash_attention`'s module docstring for why they do not lower on GPU as written
-(interpret=None runs interpret mode on CPU).
+matmuls (as the MXU wants), so gradients carry bfloat16 rounding. Otherwise the three differ
+only by floating-point rounding (the chunked and fused ones reorder the sums).
+
+When each runs: `model.loss_impl` picks one (dvar_jax/model/output.py). interpret=None runs
+`fused_cross_entropy` in Pallas interpret mode on a CPU backend and through Mosaic on TPU; a GPU
+backend raises NotImplementedError. Memory figures, TPU compile checks and why the kernels do
+not lower on GPU: docs/kernels.md.
 """
 
 import dataclasses
@@ -48,15 +47,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dvar_jax.kernels.flash_attention import MASK_VALUE, SUBLANE, _resolve_interpret
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+from dvar_jax.kernels.common import (
+    MASK_VALUE,
+    NN,
+    NT,
+    SUBLANE,
+    TN,
+    resolve_interpret,
+    round_up,
+)
 
 
 def plan_axis(name: str, size: int, block: int) -> tuple[int, int]:
@@ -65,7 +64,7 @@ def plan_axis(name: str, size: int, block: int) -> tuple[int, int]:
     if not isinstance(block, int) or block <= 0 or block % SUBLANE:
         raise ValueError(f"cross_entropy: {name}={block!r} must be a positive multiple of "
                          f"{SUBLANE} (axis size {size})")
-    rounded = _round_up(size, SUBLANE)
+    rounded = round_up(size, SUBLANE)
     block = min(block, rounded)
     # Padding costs memory and work on the whole axis (the embedding and its gradient are padded
     # copies): a smaller block that divides the axis is better, e.g. 384 for the study's 50,304
@@ -75,7 +74,7 @@ def plan_axis(name: str, size: int, block: int) -> tuple[int, int]:
     for smaller in range(block, block // 2 - 1, -unit):
         if smaller % unit == 0 and rounded % smaller == 0:
             return smaller, rounded
-    return block, _round_up(size, block)
+    return block, round_up(size, block)
 
 
 def _check_inputs(hidden, embedding, targets, weights) -> None:
@@ -107,7 +106,7 @@ def xla_cross_entropy(hidden: jax.Array, embedding: jax.Array, targets: jax.Arra
 
 def _masked_logits(hidden, chunk, start, vocab: int, padded: bool) -> tuple[jax.Array, jax.Array]:
     """float32 logits [T, block_v] of one vocab chunk, padded ids masked; and their vocab ids."""
-    logits = lax.dot_general(hidden, chunk, _NT, preferred_element_type=jnp.float32)
+    logits = lax.dot_general(hidden, chunk, NT, preferred_element_type=jnp.float32)
     ids = start + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     if padded:
         logits = jnp.where(ids < vocab, logits, MASK_VALUE)
@@ -194,9 +193,9 @@ def _chunked_bwd(plan: _Plan, residuals, cotangents):
         chunk, start = chunk_and_start
         logits, ids = _masked_logits(hidden, chunk, start, plan.vocab, plan.vocab_padded)
         dlogits = _logits_cotangent(logits, ids, targets, lse, coef)
-        dh = dh + lax.dot_general(dlogits.astype(chunk.dtype), chunk, _NN,
+        dh = dh + lax.dot_general(dlogits.astype(chunk.dtype), chunk, NN,
                                   preferred_element_type=jnp.float32)
-        de = lax.dot_general(dlogits.astype(hidden.dtype), hidden, _TN,
+        de = lax.dot_general(dlogits.astype(hidden.dtype), hidden, TN,
                              preferred_element_type=jnp.float32)
         return dh, de.astype(embedding.dtype)
 
@@ -266,7 +265,7 @@ def _dh_kernel(plan: _Plan, h_ref, e_ref, tgt_ref, lse_ref, coef_ref, dh_ref, ac
 
     e = e_ref[...]
     dlogits = _dlogits_block(plan, h_ref, e_ref, tgt_ref, lse_ref, coef_ref, j)
-    acc_ref[...] += lax.dot_general(dlogits.astype(e.dtype), e, _NN,
+    acc_ref[...] += lax.dot_general(dlogits.astype(e.dtype), e, NN,
                                     preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -284,7 +283,7 @@ def _de_kernel(plan: _Plan, h_ref, e_ref, tgt_ref, lse_ref, coef_ref, de_ref, ac
 
     h = h_ref[...]
     dlogits = _dlogits_block(plan, h_ref, e_ref, tgt_ref, lse_ref, coef_ref, j)
-    acc_ref[...] += lax.dot_general(dlogits.astype(h.dtype), h, _TN,
+    acc_ref[...] += lax.dot_general(dlogits.astype(h.dtype), h, TN,
                                     preferred_element_type=jnp.float32)
 
     @pl.when(i == pl.num_programs(1) - 1)
@@ -372,7 +371,7 @@ def fused_cross_entropy(hidden: jax.Array, embedding: jax.Array, targets: jax.Ar
     block_t, tokens = plan_axis("block_t", hidden.shape[0], block_t)
     block_v, padded_vocab = plan_axis("block_v", embedding.shape[0], block_v)
     plan = _Plan(tokens=tokens, vocab=embedding.shape[0], padded_vocab=padded_vocab,
-                 block_t=block_t, block_v=block_v, interpret=_resolve_interpret(interpret))
+                 block_t=block_t, block_v=block_v, interpret=resolve_interpret(interpret))
     # Padded tokens: zero hidden, target 0, weight 0, so they add nothing to sums or gradients.
     return _fused(plan, _pad_rows(hidden, tokens), _pad_rows(embedding, padded_vocab),
                   _pad_rows(targets.astype(jnp.int32), tokens),

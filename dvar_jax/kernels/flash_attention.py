@@ -1,58 +1,35 @@
 """Flash attention as Pallas kernels: forward and backward, causal or full, with segment ids.
 
-`flash_attention(q, k, v, causal=...)` computes exactly what
+Contract. `flash_attention(q, k, v, causal=...)` takes q, k, v [batch, seq, heads, head_dim]
+(one dtype) and returns [batch, seq, heads, head_dim] in that dtype: what
 `dvar_jax.model.attention.dot_product_attention` computes (scale 1/sqrt(head_dim), float32
-softmax, no dropout) without ever materialising the [batch, heads, seq, seq] logits:
+softmax and accumulation, no dropout), differentiable in q, k, v (custom VJP), without ever
+materialising the [batch, heads, seq, seq] logits. Values differ from the reference only by
+floating-point rounding (the online softmax and the blocked sums reorder the arithmetic); which
+scores are masked is exact (`diffusion_block` evaluates the reference's own predicate,
+kernels/masks.py). Options: causal, block diffusion's [noisy; clean] mask, [batch, seq] segment
+ids (packed documents).
 
 * forward: one program per (batch, head, query block); the key blocks are the innermost,
-  sequential grid axis, folded in with an online softmax (running max `m`, running sum `l`,
-  running output `acc` in VMEM scratch). It saves the logsumexp of every query row.
-* backward (`jax.custom_vjp`): two kernels that recompute each block's probabilities from the
-  saved logsumexp, p = exp(s - lse), instead of storing them: `dq` iterates key blocks for each
-  query block, `dk, dv` iterate query blocks for each key block. delta = rowsum(dO * O) is
-  computed once outside the kernels (a cheap [batch, heads, seq] reduction).
+  sequential grid axis, folded in with an online softmax. It saves the logsumexp of each row.
+* backward: a `dq` kernel (key blocks innermost) and a `dk, dv` kernel (query blocks
+  innermost) that recompute each block's probabilities from the saved logsumexp.
 
-Causal masking skips whole blocks: a (query block, key block) pair entirely above the diagonal is
-neither computed (its body sits under `pl.when`) nor fetched (the index maps clamp to the last
-live block, so the pipeline sees an unchanged block index and issues no copy). Key blocks made
-only of padding are skipped the same way. `debug_block_visits` reports, per kernel, which grid
-steps ran their body; the tests use it to show the skipping is real.
+Block pairs wholly above the causal diagonal, key blocks made only of padding and (in the
+backward) query blocks made only of padding are skipped, neither computed nor fetched;
+`debug_block_visits` reports which grid steps ran their body.
 
-Layout. Callers pass [batch, seq, heads, head_dim] (the model's layout); the wrapper transposes
-to [batch, heads, seq, head_dim] so that every block's last two dims are a (seq block, head_dim)
-tile, as Mosaic TPU wants, with batch and heads in the grid. Row statistics (logsumexp, delta,
-query segment ids) are stored as [..., seq, 1] columns and key segment ids as a [batch, 1, seq]
-row, so that they broadcast against a [block_q, block_k] score tile without a transpose.
-On TPU, with segment_ids, block_k must be a multiple of 128 (or the whole padded seq): the
-key-segment row block is lane-tiled, and Pallas refuses it otherwise. Tuning, not needed for
-correctness: production TPU kernels replicate the row statistics over 128 lanes to avoid
-masked loads; this kernel keeps them 1 wide for clarity. All three kernels are compiled
-through Mosaic for an abstract TPU v5p device in tests/test_kernels.py (libtpu on a CPU host,
-`jax.jit(...).lower(...).compile()` at bf16, blocks 128, head_dim 128, causal and full, with and
-without segment ids), so Mosaic accepts their layouts; they have not yet run or been timed on a
-TPU chip (benchmarks/kernels.py times them where one is the backend).
+Shapes. A seq not divisible by the blocks is padded internally (zeros), the padded keys masked
+and the padded query rows dropped; a block larger than the sequence is shrunk to it. Bad block
+sizes (not positive multiples of 8, or blocks that do not divide one another) raise a ValueError
+naming seq and the blocks. On TPU, blocks should be multiples of 128, and with segment_ids
+block_k must be one (or the whole padded seq).
 
-Sequence lengths not divisible by the blocks are PADDED internally (zeros), the padded keys
-masked out and the padded query rows dropped; a block larger than the sequence is shrunk to it.
-Bad block sizes (not positive multiples of 8, or blocks that do not divide one another) raise a
-ValueError naming seq and the blocks.
-
-Dropout on the attention probabilities is not supported (the reference draws its mask with
-`jax.random.bernoulli` over the full [batch, heads, seq, seq] tensor, which a blocked kernel
-cannot reproduce); callers must use the xla path when attention dropout is on.
-
-GPU. This kernel does not lower on GPU as written: it relies on Mosaic TPU semantics, namely a
-sequential ("arbitrary") innermost grid axis whose programs share VMEM scratch (`pltpu.VMEM`)
-and revisit the same output block. Neither Pallas GPU backend has that: Triton runs every grid
-program independently and Mosaic GPU pipelines explicitly. A GPU port would (1) drop the
-key-block grid axis and loop over key blocks inside the kernel (`lax.fori_loop` with `m, l,
-acc` as loop carries and `pl.ds` slices of whole-sequence K/V refs), the causal bound being the
-loop's upper limit; (2) likewise loop over query blocks in the dk/dv kernel (or compute dq with
-atomics); (3) pass `plgpu.CompilerParams(num_warps=..., num_stages=...)` (Triton) instead of
-`pltpu.CompilerParams`, use power-of-two blocks >= 16, and keep head_dim a power of two; or, for
-Hopper and newer, rewrite on Mosaic GPU (`plgpu.emit_pipeline`, wgmma) for real speed. With
-`interpret=None` on a GPU backend the wrapper raises NotImplementedError instead of failing
-inside the lowering; `interpret=True` runs anywhere (slowly).
+When it runs. `model.attention_impl="pallas"` (dvar_jax/model/attention.py). interpret=None runs
+Pallas interpret mode on a CPU backend and compiles through Mosaic on TPU; a GPU backend raises
+NotImplementedError (interpret=True runs anywhere, slowly). Attention dropout is not supported
+(use the xla path). The kernels' layout, block skipping, TPU compile checks and the GPU porting
+notes are in docs/kernels.md.
 """
 
 import dataclasses
@@ -66,19 +43,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dvar_jax.model.masks import block_diffusion_allowed
+from dvar_jax.kernels.common import (
+    MASK_VALUE,
+    NN,
+    NT,
+    SUBLANE,
+    TN,
+    resolve_interpret,
+    round_up,
+)
+from dvar_jax.kernels.masks import block_diffusion_allowed
 
-# Finite stand-in for -inf: exp(MASK_VALUE - m) is exactly 0 for any real m, and a row that has
-# seen only masked scores so far (m == MASK_VALUE) is reset by the first real score instead of
-# producing inf - inf = NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-SUBLANE = 8  # second-minor tile of TPU vector registers: blocks are multiples of it
 _PARALLEL, _ARBITRARY = "parallel", "arbitrary"
-
-# dot_general dimension numbers: contract a's dim x with b's dim y, no batch dims.
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +62,7 @@ class _Plan:
     """Static decisions of one call; hashable, so it can be a custom_vjp non-diff argument."""
 
     causal: bool
-    diffusion_block: int  # > 0: block diffusion's [noisy; clean] mask (model/masks.py)
+    diffusion_block: int  # > 0: block diffusion's [noisy; clean] mask (kernels/masks.py)
     seq_len: int  # real sequence length
     padded_len: int  # multiple of both blocks
     block_q: int
@@ -109,10 +85,6 @@ class _Plan:
         return self.padded_len != self.seq_len
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def plan_blocks(seq: int, block_q: int, block_k: int) -> tuple[int, int, int]:
     """(block_q, block_k, padded_seq) actually used for a sequence of length `seq`.
 
@@ -127,10 +99,10 @@ def plan_blocks(seq: int, block_q: int, block_k: int) -> tuple[int, int, int]:
     if max(block_q, block_k) % min(block_q, block_k):
         raise ValueError(f"flash_attention: block_q={block_q} and block_k={block_k} must divide "
                          f"one another (seq={seq})")
-    small = min(block_q, block_k, _round_up(seq, SUBLANE))
-    cap = _round_up(seq, small)
+    small = min(block_q, block_k, round_up(seq, SUBLANE))
+    cap = round_up(seq, small)
     block_q, block_k = min(block_q, cap), min(block_k, cap)
-    return block_q, block_k, _round_up(seq, max(block_q, block_k))
+    return block_q, block_k, round_up(seq, max(block_q, block_k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +164,7 @@ def _logit_mask(plan: _Plan, i: jax.Array, j: jax.Array, q_seg_ref, kv_seg_ref) 
 
 def _scores(plan: _Plan, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Scaled, masked float32 scores q k^T: [block_q, head_dim] x [block_k, head_dim]."""
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * plan.scale
+    s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * plan.scale
     return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
@@ -241,7 +213,7 @@ def _forward_kernel(plan: _Plan, *refs) -> None:
         alpha = jnp.exp(m_prev - m_new)  # rescales what was accumulated under the old max
         l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
         v = v_ref[...]
-        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha * acc_ref[...] + pv
         m_ref[...] = m_new
 
@@ -256,7 +228,7 @@ def _forward_kernel(plan: _Plan, *refs) -> None:
 def _probs_and_dscores(plan: _Plan, i, j, q, k, v, do, lse, delta, segs):
     """Recomputed probabilities p and score cotangents ds = p * (dO v^T - delta): [bq, bk]."""
     p = jnp.exp(_scores(plan, q, k, _logit_mask(plan, i, j, *segs)) - lse)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
     return p, p * (dp - delta)
 
 
@@ -278,7 +250,7 @@ def _dq_kernel(plan: _Plan, *refs) -> None:
         k = k_ref[...]
         _, ds = _probs_and_dscores(plan, i, j, q_ref[...], k, v_ref[...], do_ref[...],
                                    lse_ref[...], delta_ref[...], segs)
-        acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+        acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN,
                                         preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -306,9 +278,9 @@ def _dkv_kernel(plan: _Plan, *refs) -> None:
         q, do = q_ref[...], do_ref[...]
         p, ds = _probs_and_dscores(plan, i, j, q, k_ref[...], v_ref[...], do, lse_ref[...],
                                    delta_ref[...], segs)
-        dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, _TN,
+        dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, TN,
                                        preferred_element_type=jnp.float32)
-        dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, _TN,
+        dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, TN,
                                        preferred_element_type=jnp.float32)
 
     @pl.when(i == pl.num_programs(3) - 1)
@@ -448,20 +420,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # Public API.
 
 
-def _resolve_interpret(interpret: bool | None) -> bool:
-    """None: interpret on CPU, compile otherwise. interpret=False on a CPU backend still lowers
-    and compiles for TPU (`jax.export(..., platforms=["tpu"])`, or jit for an abstract TPU
-    device); GPU is refused with a clear error."""
-    backend = jax.default_backend()
-    if interpret is None:
-        interpret = backend == "cpu"
-    if not interpret and backend in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            f"dvar_jax.kernels are written for Mosaic TPU and do not lower on {backend!r}; pass "
-            "interpret=True (slow) or use the xla implementation")
-    return bool(interpret)
-
-
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> None:
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError("flash_attention: q, k, v must share one [batch, seq, heads, head_dim] "
@@ -484,11 +442,15 @@ def _make_plan(q: jax.Array, causal: bool, diffusion_block: int, segment_ids, bl
                  padded_len=padded_len, block_q=block_q,
                  block_k=block_k, scale=1.0 / math.sqrt(head_dim),
                  has_segments=segment_ids is not None,
-                 interpret=_resolve_interpret(interpret), record_visits=record_visits)
+                 interpret=resolve_interpret(interpret), record_visits=record_visits)
 
 
 def _to_kernel_layout(plan: _Plan, x: jax.Array) -> jax.Array:
-    """[batch, seq, heads, head_dim] -> [batch, heads, padded_seq, head_dim] (zero padding)."""
+    """[batch, seq, heads, head_dim] -> [batch, heads, padded_seq, head_dim] (zero padding).
+
+    Heads before seq so that every block's last two dims are a (seq block, head_dim) tile, as
+    Mosaic TPU wants, with batch and heads in the grid.
+    """
     x = jnp.swapaxes(x, 1, 2)
     return jnp.pad(x, ((0, 0), (0, 0), (0, plan.padded_len - plan.seq_len), (0, 0)))
 
@@ -521,7 +483,7 @@ def flash_attention(
     softmax and accumulation, output in q's dtype), differentiable in q, k, v.
 
     diffusion_block: > 0 applies block diffusion's mask with that block size to a [noisy; clean]
-    sequence (dvar_jax/model/masks.py; needs causal=False and an even seq). Every block pair is
+    sequence (dvar_jax/kernels/masks.py; needs causal=False and an even seq). Every block pair is
     computed (no skipping).
     segment_ids: optional [batch, seq] ints; a query attends only to keys with its id (packed
     documents), combined with the causal mask when `causal`. Every query must be allowed at least
@@ -530,8 +492,8 @@ def flash_attention(
     (on TPU: multiples of 128; block_k must be one when segment_ids are given). A seq not
     divisible by them is padded internally and the padding masked; blocks longer than seq are
     shrunk. Bad sizes raise ValueError.
-    interpret: None runs Pallas interpret mode on a CPU backend and compiles on TPU; see the
-    module docstring for GPU.
+    interpret: None runs Pallas interpret mode on a CPU backend and compiles on TPU; a GPU
+    backend raises NotImplementedError unless interpret=True (docs/kernels.md, "GPU").
     """
     _check_qkv(q, k, v, segment_ids)
     plan = _make_plan(q, causal, diffusion_block, segment_ids, block_q, block_k, interpret)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-from dvar_jax.kernels.flash_attention import _resolve_interpret
+from dvar_jax.kernels.common import resolve_interpret
 
 LANES = 128  # splash blocks must be multiples of the TPU lane width
 BLOCK_CHOICES = (512, 256, 128)  # largest first: bigger blocks amortise per-step overhead
@@ -75,7 +75,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
         raise ValueError("splash_attention: q, k, v must share one [batch, seq, heads, head_dim] "
                          f"shape, got {q.shape}, {k.shape}, {v.shape}")
     _, seq, heads, head_dim = q.shape
-    kernel = _kernel(bool(causal), heads, seq, splash_block(seq), _resolve_interpret(interpret))
+    kernel = _kernel(bool(causal), heads, seq, splash_block(seq), resolve_interpret(interpret))
     scale = 1.0 / math.sqrt(head_dim)
     to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [batch, heads, seq, head_dim] and back
     out = jax.vmap(kernel)(to_heads((q * scale).astype(q.dtype)), to_heads(k), to_heads(v))

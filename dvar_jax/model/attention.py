@@ -6,7 +6,7 @@ checked against), `pallas` (dvar_jax/kernels/flash_attention.py: our blocked ker
 JAX's TPU splash attention kernel; seq a multiple of 128; interpret mode on CPU).
 
 What may attend to what is, besides `causal`, one of two extras: a structural block-diffusion
-mask (`diffusion_block`: model/masks.py, on the xla and pallas paths) or a dense per-sequence
+mask (`diffusion_block`: kernels/masks.py, on the xla and pallas paths) or a dense per-sequence
 mask chosen by the objective (`mask`: AR token masking, xla only).
 """
 
@@ -15,7 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from dvar_jax.model.masks import block_diffusion_mask
+from dvar_jax.kernels.masks import block_diffusion_mask
 from dvar_jax.sharding import per_shard
 
 ATTENTION_IMPLS = ("xla", "pallas", "splash")

@@ -52,7 +52,7 @@ class TransformerConfig:
     head_dim: int
     causal: bool
     # > 0: block diffusion (Arriola et al. 2025); inputs are [noisy; clean] halves and attention
-    # follows model/masks.py's block_diffusion_allowed with this block size.
+    # follows kernels/masks.py's block_diffusion_allowed with this block size.
     diffusion_block: int = 0
     # > 0: rows of a learned table of target positions (which position each input predicts),
     # added to the input embeddings: the sigma-GPT variant of N-ordering AR. 0 = none.
@@ -87,9 +87,6 @@ class TransformerConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"model attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
-        if self.attention_impl != "xla" and self.attention_dropout > 0:
-            raise ValueError(f"model attention_dropout={self.attention_dropout} needs "
-                             f"attention_impl='xla' (got {self.attention_impl!r})")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"model loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.dtype not in DTYPES:

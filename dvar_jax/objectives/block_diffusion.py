@@ -4,7 +4,7 @@ within each block.
 The sequence x [batch, L] (the window's first L tokens, as masked diffusion) is cut into L / B
 blocks. Each block b gets its own noise level t_b ~ U(0, 1) and is masked as in
 diffusion.mask_tokens. The model reads [noisy; clean] (2L tokens, both halves at positions
-0..L-1) under model/masks.py's block mask: a noisy block sees itself and the clean blocks
+0..L-1) under kernels/masks.py's block mask: a noisy block sees itself and the clean blocks
 before it, so its loss is the diffusion loss of block b given a clean prefix. The loss is the
 1/p-weighted cross-entropy on masked noisy positions, summed and divided by batch * L, as
 masked diffusion. B = L is exactly masked diffusion; B = 1 predicts each token from the clean

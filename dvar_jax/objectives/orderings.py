@@ -13,6 +13,16 @@ import numpy as np
 ORDER_KINDS = ("local", "random")
 
 
+def order_problems(num_orders: int, kind: str) -> list[str]:
+    """What is wrong with `ar.num_orders` and `ar.order_kind`, one message each (empty: none)."""
+    problems = []
+    if num_orders < 1:
+        problems.append(f"ar.num_orders={num_orders}: must be >= 1 (1 = left to right)")
+    if kind not in ORDER_KINDS:
+        problems.append(f"ar.order_kind={kind!r}: allowed {', '.join(ORDER_KINDS)}")
+    return problems
+
+
 def make_orders(num_orders: int, length: int, kind: str, seed: int) -> np.ndarray:
     """N orders of `length` positions: [num_orders, length] int32 permutations of 0..length-1.
 
@@ -21,10 +31,9 @@ def make_orders(num_orders: int, length: int, kind: str, seed: int) -> np.ndarra
     further); "random" is a uniform random permutation. Seeded: the same arguments give the
     same orders on every host and every resume.
     """
-    if num_orders < 1:
-        raise ValueError(f"ar.num_orders={num_orders}: must be >= 1")
-    if kind not in ORDER_KINDS:
-        raise ValueError(f"ar.order_kind={kind!r}: allowed {', '.join(ORDER_KINDS)}")
+    problems = order_problems(num_orders, kind)
+    if problems:
+        raise ValueError("; ".join(problems))
     rs = np.random.RandomState(seed)
     orders = [np.arange(length)]
     for i in range(1, num_orders):

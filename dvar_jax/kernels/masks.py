@@ -1,8 +1,9 @@
 """Structural attention masks as pure functions of query and key positions.
 
-One predicate per mask kind, shared by the XLA attention (evaluated on the whole [seq, seq]
-grid) and the Pallas kernel (evaluated per [block_q, block_k] tile), so the two cannot disagree.
-True means the query may attend to the key.
+One predicate per mask kind, shared by the XLA attention (dvar_jax/model/attention.py,
+evaluated on the whole [seq, seq] grid) and the Pallas kernel (flash_attention.py, evaluated per
+[block_q, block_k] tile), so the two cannot disagree. True means the query may attend to the
+key. It lives with the kernels, the lower of its two users.
 """
 
 import jax

@@ -1,0 +1,141 @@
+"""The crossover search on the embedded corpus (issue 17): AR and masked diffusion at the same
+unique-token budgets U, each with its own model size and epoch count, sized for ONE accelerator
+(minutes on an H200), where the study's laws favour diffusion: small U, compute far above
+C_crit(U), larger models, many epochs.
+
+    dvar sweep list --grid=configs/crossover.py              # the runs, their steps and FLOPs
+    dvar sweep run  --grid=configs/crossover.py --workdir=runs/crossover
+    dvar train --config=configs/crossover.py:diffusion --workdir=runs/xo-diffusion  # one run
+    python benchmarks/gpu_crossover.py --out /tmp/xo          # all of it + the figure, one GPU
+
+Shakespeare with a 1k-token BPE vocabulary (2.0M train tokens; the small vocabulary puts more of
+N into the transformer: the embedding is 1152 x d of N). Learning rate 1e-3 (7e-4 above
+d = 256), cosine decay over the whole run, so the schedule stretches with the epoch count
+(PAPER.md §4). Dropout 0 (the plain objectives, as the demo) and 0.1 (the study's code default,
+PAPER.md §1.1) for both objectives.
+
+**Sizing.** The CPU lead (DESIGN.md, "Sizing runs for a 2-core CPU": U = 20k, d = 128 x 4
+layers, batch 8, 150 epochs) left diffusion 0.27 nats behind AR's best and still falling. This
+grid continues it on a GPU and adds two larger budgets:
+
+- U = 20k, batch 8 x 128 (19 steps an epoch), C_crit(U) = 1.1e12: diffusion 128x4 at 1000
+  epochs and at 300 with dropout, 256x8 at 800 and at 200 with dropout, 384x6 at 600; AR
+  128x4, 256x8 and 384x6 at 30 epochs, 256x8 also with dropout.
+- U = 100k, batch 16 x 128 (48 steps an epoch), C_crit(U) = 2.7e13: diffusion 256x8 at 400
+  epochs and at 150 with dropout; AR 128x4 and 256x8 at 30 epochs.
+- U = 500k, batch 32 x 128 (122 steps an epoch), C_crit(U) = 7.1e14: diffusion 384x6 at 150
+  epochs and at 100 with dropout; AR 384x6 at 20 epochs, with and without dropout.
+
+AR's best comes within 4-9 epochs, so its 20-30 epochs cost far less than diffusion's runs:
+within the same compute, AR is free to stop early.
+
+(C_crit(U): `dvar_jax.scaling.planner.critical_compute` on the "prabhudesai2025" laws; FLOPs
+are the study's C = 6 N D with N its formula at V = 1024; 128x4 is 0.89M, 256x8 6.3M, 384x6
+11.0M.) The 17 runs take about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
+XLA attention); on 2 CPU cores a 20k-step run of the 256x8 model takes hours, so run only the
+128x4 cells there (`--only='*-128x4-U20k-*'`).
+
+**Measured (benchmarks/results/gpu_2026-12-04.md, docs/crossover_gpu.png): no crossover.**
+Diffusion's best stayed above AR's best at every U: +0.18 nats at U = 20k (4.937 vs 4.759),
++0.09 at 100k (4.252 vs 4.162), +0.15 at 500k (3.716 vs 3.570), at 4.7-750x C_crit(U).
+Without dropout diffusion overfits too, after 60-125 epochs; with dropout 0.1 its curves at
+100k and 500k had not turned upward when their schedules ended (150 and 100 epochs). The next
+cells to try: those two with dropout, 300-500 epochs and a larger model.
+"""
+
+from ml_collections import ConfigDict
+
+from dvar_jax.configs import base
+from dvar_jax.configs.grids import add_run, run_name
+
+VOCAB_SIZE = 1024
+TOKENIZER_TYPE = "bpe"
+SEQ_LEN = 128
+VALIDATION_TOKENS = 32_768  # 256 windows of the held-out works, the same for every run
+EVALS_PER_RUN = 40
+
+# Sizes as (d_model, n_layers); heads of 32 dimensions. N (study formula, V = 1024):
+# 128x4 0.89M, 256x8 6.3M, 384x6 11.0M.
+SIZES = {"128x4": (128, 4), "256x8": (256, 8), "384x6": (384, 6)}
+
+# Sequences per step at each U: about 20-120 steps per epoch, so that diffusion gets tens of
+# thousands of optimizer steps over hundreds of epochs (DESIGN.md: too few steps never leave the
+# unigram plateau).
+BATCH_SIZES = {20_000: 8, 100_000: 16, 500_000: 32}
+
+# (objective, size, U, epochs, dropout), in the order a one-GPU runner starts them: the long
+# diffusion runs first, the short AR runs beside them. As run on 2026-12-04.
+RUNS = (
+    ("diffusion", "256x8", 20_000, 800, 0.0),
+    ("diffusion", "128x4", 20_000, 1000, 0.0),
+    ("diffusion", "256x8", 100_000, 400, 0.0),
+    ("ar", "256x8", 20_000, 30, 0.0),
+    ("ar", "128x4", 20_000, 30, 0.0),
+    ("ar", "256x8", 100_000, 30, 0.0),
+    ("ar", "384x6", 20_000, 30, 0.0),
+    ("ar", "256x8", 20_000, 30, 0.1),
+    ("ar", "128x4", 100_000, 30, 0.0),
+    ("diffusion", "384x6", 20_000, 600, 0.0),
+    ("ar", "384x6", 500_000, 20, 0.0),
+    ("diffusion", "384x6", 500_000, 150, 0.0),
+    # Second device call (dropout 0.1, the study's code default; shorter schedules, as the
+    # runs without dropout had their best at 60-125 epochs).
+    ("diffusion", "384x6", 500_000, 100, 0.1),
+    ("diffusion", "256x8", 100_000, 150, 0.1),
+    ("diffusion", "128x4", 20_000, 300, 0.1),
+    ("diffusion", "256x8", 20_000, 200, 0.1),
+    ("ar", "384x6", 500_000, 20, 0.1),
+)
+
+
+def crossover_config(objective: str, size: str = "256x8", unique_tokens: int = 20_000,
+                     epochs: float = 800, dropout: float = 0.0) -> ConfigDict:
+    """base.py at this grid's shape: one run."""
+    c = base.get_config()
+    c.objective = objective
+    d_model, n_layers = SIZES[size]
+    c.model.name = "custom"
+    c.model.d_model = d_model
+    c.model.n_layers = n_layers
+    c.model.n_heads = d_model // 32
+    c.model.head_dim = 32
+    c.model.attention_dropout = dropout
+    c.model.hidden_dropout = dropout
+    c.data.vocab_size = VOCAB_SIZE
+    c.data.tokenizer_type = TOKENIZER_TYPE
+    c.data.unique_tokens = unique_tokens
+    c.data.epochs = float(epochs)
+    c.data.seq_len = SEQ_LEN
+    c.data.validation_tokens = VALIDATION_TOKENS
+    c.train.batch_size = BATCH_SIZES.get(unique_tokens, 32)
+    c.train.peak_lr = 1e-3 if d_model <= 256 else 7e-4
+    c.train.warmup_fraction = 0.02
+    c.train.log_every = 100
+    c.eval.every_epochs = epochs / EVALS_PER_RUN
+    c.eval.batch_size = 128
+    c.eval.num_mc = 8
+    # Save at the end only (and on SIGTERM): evaluations are every few seconds on a GPU.
+    c.checkpoint.every_steps = 1_000_000_000
+    c.checkpoint.keep = 1
+    return c
+
+
+def name_of(objective: str, size: str, unique_tokens: int, epochs: float,
+            dropout: float = 0.0) -> str:
+    name = run_name(objective, size, epochs, unique_tokens=unique_tokens)
+    return name + (f"-drop{dropout:g}" if dropout else "")
+
+
+def get_grid() -> list[tuple[str, ConfigDict]]:
+    grid: dict[str, ConfigDict] = {}
+    for objective, size, unique, epochs, dropout in RUNS:
+        add_run(grid, name_of(objective, size, unique, epochs, dropout),
+                crossover_config(objective, size, unique, epochs, dropout))
+    return list(grid.items())
+
+
+def get_config(objective: str = "diffusion") -> ConfigDict:
+    """`dvar train --config=configs/crossover.py:OBJECTIVE`: the grid's U = 20k 256x8 cell
+    (diffusion 800 epochs, AR 30)."""
+    objective = objective or "diffusion"
+    return crossover_config(objective, "256x8", 20_000, 800 if objective == "diffusion" else 30)

@@ -1,0 +1,270 @@
+"""The run folder: the one module that knows its layout and reads its state.
+
+    <workdir>/
+      config.json           the run's config, over today's defaults when read back
+      metrics.jsonl         train and eval records (`dvar_jax.metrics`)
+      tb/                   the same records as TensorBoard scalars
+      checkpoints/<step>/   orbax checkpoints (`dvar_jax.checkpoint`)
+      summary.json          written once the run has completed
+      eval.jsonl            one record per `dvar eval`
+
+A sweep folder holds one run folder per run name and `results.jsonl`; a demo folder one run
+folder per objective, `report.md`, `curves.png` and `summary.json`. Every path of a run
+folder is built here, and every reader of a run's state (the saved config, the finished
+summary, which checkpoint is best) asks here: a run folder somewhere else than a local disk
+changes this module and the writers, not their callers.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from dvar_jax.configs.base import get_config
+from dvar_jax.files import write_atomically
+from dvar_jax.metrics import MetricsWriter, keep_metrics_through, read_metrics_file
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+CHECKPOINTS_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
+EVALS_FILE = "eval.jsonl"
+RESULTS_FILE = "results.jsonl"  # in a sweep folder
+
+# The config keys whose change changes the run (model, objective, data, optimisation, seed);
+# mesh, logging, evaluation and checkpoint cadence may change between restarts.
+RUN_DEFINING = ("objective", "seed", "model.", "data.", "train.", "ar.", "block_diffusion.")
+NOT_RUN_DEFINING = ("data.cache_dir", "train.log_every")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested config dict; tuples as lists (as JSON holds them)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def run_defining_differences(saved: dict, requested: dict) -> list[str]:
+    """Keys (dotted) whose values differ between two flattened configs and change the run."""
+    keys = sorted(set(saved) | set(requested))
+    return [k for k in keys
+            if k.startswith(RUN_DEFINING) and k not in NOT_RUN_DEFINING
+            and saved.get(k) != requested.get(k)]
+
+
+def _flat(cfg: ConfigDict) -> dict[str, Any]:
+    return flatten(json.loads(cfg.to_json()))
+
+
+class RunDir:
+    """One run's folder: its paths, and what its files say."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # -- layout ------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def evals_path(self) -> Path:
+        return self.root / EVALS_FILE
+
+    # -- the saved config --------------------------------------------------------------------
+
+    def _flag(self) -> str:
+        return f"--workdir={str(self.root)!r}"
+
+    def saved_config_flat(self) -> dict[str, Any] | None:
+        """The saved config over today's defaults, flattened (keys added to the code since the
+        run was saved count as their defaults); None when nothing is saved yet."""
+        if not self.config_path.is_file():
+            return None
+        return _flat(get_config()) | flatten(json.loads(self.config_path.read_text()))
+
+    def saved_config(self) -> ConfigDict:
+        """The saved config over today's defaults as a ConfigDict (not validated). ValueError
+        when there is none, or for a key this version does not know, naming it."""
+        flat = self.saved_config_flat()
+        if flat is None:
+            raise ValueError(f"{self._flag()} holds no trained run (no {CONFIG_FILE})")
+        cfg = get_config()
+        for key, value in flat.items():
+            parent, _, leaf = key.rpartition(".")
+            node = cfg
+            for part in parent.split(".") if parent else ():
+                node = node.get(part, None)
+                if node is None:
+                    break
+            if node is None or leaf not in node:
+                raise ValueError(f"{self.config_path}: config key {key!r} is not known to this "
+                                 "version")
+            node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+        return cfg
+
+    def config_differences(self, cfg: ConfigDict) -> list[str]:
+        """Run-defining keys in which the saved config differs from `cfg` (none when nothing
+        is saved yet)."""
+        saved = self.saved_config_flat()
+        return [] if saved is None else run_defining_differences(saved, _flat(cfg))
+
+    def write_config(self, cfg: ConfigDict) -> None:
+        write_atomically(self.config_path, cfg.to_json(indent=2))
+
+    # -- progress and results ----------------------------------------------------------------
+
+    def finished_summary(self) -> dict | None:
+        """summary.json if it says the run completed, else None."""
+        if not self.summary_path.is_file():
+            return None
+        summary = json.loads(self.summary_path.read_text())
+        return summary if summary.get("completed") else None
+
+    def write_summary(self, summary: dict) -> None:
+        write_atomically(self.summary_path, json.dumps(summary, indent=2))
+
+    def read_metrics(self, kind: str | None = None) -> list[dict]:
+        """All metric records of the run (optionally of one kind), in the order written;
+        FileNotFoundError when the run has none."""
+        if not self.metrics_path.exists():
+            raise FileNotFoundError(f"no metrics at {self.metrics_path}: has a run been trained "
+                                    f"in {self.root}?")
+        return read_metrics_file(self.metrics_path, kind)
+
+    def keep_metrics_through(self, step: int) -> None:
+        """Drops the metric records after `step` (work a resumed run will redo), atomically."""
+        keep_metrics_through(self.metrics_path, step)
+
+    def metrics_writer(self) -> MetricsWriter:
+        return MetricsWriter(self.metrics_path, self.tensorboard_dir)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_steps(self) -> list[int]:
+        root = self.checkpoints_dir
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) \
+            if root.is_dir() else []
+
+    def best_step(self, among: Iterable[int] | None = None) -> int | None:
+        """The step of the lowest finite validation loss in metrics.jsonl (the first on ties),
+        optionally among some steps only; None when there is no such evaluation."""
+        allowed = None if among is None else set(among)
+        evals = [r for r in self.read_metrics("eval")
+                 if isinstance(r.get("val_loss"), float)
+                 and (allowed is None or r["step"] in allowed)]
+        return min(evals, key=lambda r: r["val_loss"])["step"] if evals else None
+
+    def choose_checkpoint(self, checkpoint: str) -> int:
+        """The step of `checkpoint`: "best" (the lowest logged validation loss among the kept
+        checkpoints; the latest if none was evaluated), "latest", or a step number that has a
+        checkpoint. ValueError naming what is allowed."""
+        steps = self.checkpoint_steps()
+        if not steps:
+            raise ValueError(f"{self._flag()} has no checkpoints to load")
+        if checkpoint == "latest":
+            return steps[-1]
+        if checkpoint == "best":
+            best = self.best_step(among=steps)
+            return steps[-1] if best is None else best
+        if checkpoint.isdigit() and int(checkpoint) in steps:
+            return int(checkpoint)
+        raise ValueError(f"--checkpoint={checkpoint!r}: allowed best, latest or one of the "
+                         f"saved steps {', '.join(map(str, steps))}")
+
+    def checkpoint_state_dir(self, step: int) -> Path:
+        """Where the train state of the checkpoint at `step` is (an orbax item folder)."""
+        return self.checkpoints_dir / str(step) / "state"
+
+    # -- writability -------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """ValueError unless the folder is one this process can write, or can be created in
+        one (the nearest existing parent). Creates nothing."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{self._flag()} is a file, not a folder; give a folder (an "
+                             "existing run to resume, or a new one)")
+        existing = root
+        while not existing.exists():  # created later, once the data has loaded
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"{self._flag()} cannot be created: {existing} is a file")
+        folders = [existing] + [f for f in (self.checkpoints_dir,) if f.is_dir()]
+        for folder in folders:
+            try:
+                _probe_write(folder)
+            except OSError as e:
+                raise ValueError(
+                    f"{self._flag()} is not writable ({folder}: "
+                    f"{e.strerror or type(e).__name__}); nothing was changed. Make it "
+                    "writable, or give a folder you can write to") from None
+
+
+def _probe_write(folder: Path) -> None:
+    """Creates and removes a file in `folder`: the only sure test that this process may write
+    there (permission bits, ACLs, read-only mounts, root)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".dvar-write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
+class DemoDir:
+    """A demo's folder: one run folder per objective, report.md, curves.png, summary.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def run_path(self, objective_name: str) -> Path:
+        return self.root / objective_name
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+
+def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict]:
+    """The metric records of the run in `workdir` (see `RunDir.read_metrics`)."""
+    return RunDir(workdir).read_metrics(kind)
+
+
+def sweep_results_path(workdir: str | Path) -> Path:
+    """The results file of a sweep folder (one record per finished run)."""
+    return Path(workdir) / RESULTS_FILE

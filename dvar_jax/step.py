@@ -1,0 +1,176 @@
+"""The pure half of training: the train state, the optimizer, and the jitted train and eval
+steps that every objective shares.
+
+State lives in one place (`TrainState`). A step is a pure function of (state, tokens) whose
+randomness is derived from (seed, step), so a run is reproducible from its config alone. The
+loop that drives these (logging, evaluation cadence, checkpoints, preemption) is
+`dvar_jax.train`; evaluation and memory planning use this module without it.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from dvar_jax.model.transformer import Transformer, TransformerConfig
+from dvar_jax.objectives import Objective
+from dvar_jax.sharding import (
+    LogicalRules,
+    batch_sharding,
+    replicated_rows,
+    train_state_shardings,
+)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: steps taken
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def lr_schedule(train_cfg: ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup over warmup_fraction of the steps, then cosine to min_lr_ratio x peak at the
+    last step: the schedule stretches with the run, as the study's (PAPER.md §4)."""
+    warmup = max(1, round(train_cfg.warmup_fraction * num_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.peak_lr, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=train_cfg.peak_lr * train_cfg.min_lr_ratio)
+
+
+def make_optimizer(train_cfg: ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decay on >= 2-D parameters only (not norm gains)."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_cfg.grad_clip),
+        optax.adamw(lr_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2,
+                    eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+    )
+
+
+class Placement(NamedTuple):
+    """Where a run's arrays live: its mesh and the shardings derived from the rule table."""
+
+    mesh: Mesh
+    state: TrainState  # a NamedSharding per leaf
+    batch: NamedSharding  # token batches [batch, seq + 1]
+    replicated: NamedSharding
+
+
+def plan_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                     mesh: Mesh | None = None, rules: LogicalRules = ()
+                     ) -> tuple[nnx.GraphDef, Callable[[], TrainState], Placement | None]:
+    """The model's static graph, the pure init function of the train state, and (with a mesh)
+    where every array of it goes. Nothing is allocated: shapes are worked out abstractly."""
+    init_key = jax.random.fold_in(jax.random.key(seed), 0)
+
+    def init() -> TrainState:
+        params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    placement = None
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        placement = Placement(mesh, train_state_shardings(jax.eval_shape(init), tx, mesh, rules),
+                              batch_sharding(mesh, rules), replicated)
+    return graphdef, init, placement
+
+
+def abstract_params(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's static graph and its parameters' shapes and dtypes (ShapeDtypeStruct
+    leaves), with nothing allocated: what loading a trained model for evaluation needs."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    return nnx.graphdef(model), nnx.state(model, nnx.Param)
+
+
+def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                       mesh: Mesh | None = None, rules: LogicalRules = ()
+                       ) -> tuple[nnx.GraphDef, TrainState, Placement | None]:
+    """A freshly initialised model, split into its static graph and its parameters, + optimizer.
+
+    With a mesh, one jitted init creates every array directly in its shards: no device ever
+    holds a full copy of a sharded parameter.
+    """
+    graphdef, init, placement = plan_train_state(model_cfg, tx, seed, mesh, rules)
+    state = jax.jit(init, out_shardings=None if placement is None else placement.state)()
+    return graphdef, state, placement
+
+
+def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
+                    tx: optax.GradientTransformation, mask_id: int, seed: int,
+                    placement: Placement | None = None, skip_nonfinite: bool = False):
+    """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated.
+
+    With a placement, inputs and outputs have explicit shardings and metrics come back
+    replicated. With skip_nonfinite, a step whose loss or gradient norm is not finite leaves
+    parameters and optimizer state as they were and reports `skipped` = 1.
+    """
+    step_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+    def step_fn(state: TrainState, tokens: jax.Array):
+        rng = jax.random.fold_in(step_key, state.step)
+
+        def loss_fn(params):
+            return objective.loss(nnx.merge(graphdef, params), tokens, rng, mask_id)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
+        if skip_nonfinite:  # keep the old parameters and moments; the step still counts
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+            metrics["skipped"] = (~finite).astype(jnp.float32)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    if placement is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    return jax.jit(step_fn, donate_argnums=0,
+                   in_shardings=(placement.state, placement.batch),
+                   out_shardings=(placement.state, placement.replicated))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, mask_id: int, num_mc: int,
+                   placement: Placement | None = None):
+    """(params, tokens [batch, seq + 1] numpy, rng) -> per-sequence summed loss [batch]."""
+
+    def eval_fn(params, tokens, rng):
+        return objective.validation_loss(nnx.merge(graphdef, params), tokens, rng, mask_id, num_mc)
+
+    if placement is None:
+        return jax.jit(eval_fn)
+    jitted = jax.jit(eval_fn, in_shardings=(placement.state.params, placement.batch,
+                                            placement.replicated),
+                     out_shardings=placement.replicated)
+    # Every process holds all validation windows: each contributes the rows of its devices.
+    return lambda params, tokens, rng: jitted(
+        params, replicated_rows(np.asarray(tokens), placement.batch), rng)
+
+
+def evaluate(eval_step, params: nnx.State, windows: np.ndarray, batch_size: int,
+             seed: int) -> float:
+    """Mean per-token validation loss over all windows [n, seq + 1].
+
+    Batch j always uses the key fold_in(seed, j), so every evaluation of every run with the same
+    validation data draws the same masks and noise levels: curves are comparable.
+    """
+    n, seq = windows.shape[0], windows.shape[1] - 1
+    key = jax.random.key(seed)
+    total = 0.0
+    for j, start in enumerate(range(0, n, batch_size)):
+        chunk = windows[start:start + batch_size]
+        real = chunk.shape[0]
+        if real < batch_size:  # pad with repeats so one compiled shape serves every batch
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
+        sums = eval_step(params, chunk, jax.random.fold_in(key, j))
+        total += float(jnp.sum(sums[:real]))
+    return total / (n * seq)
