@@ -199,8 +199,14 @@ def _run_demo(fv: flags.FlagValues) -> int:
 
 def _run_plan_memory(fv: flags.FlagValues) -> int:
     from dvar_jax.memory_plan import format_plan, plan_memory, tpu_devices
+    from dvar_jax.run_dir import RunDir
 
     cfg = fv.config
+    if fv.workdir:  # a trained run's own config, with this command line's --config.KEY changes
+        if fv["config"].present:
+            raise UsageError("--config=FILE and --workdir both name the config; give one")
+        cfg = RunDir(fv.workdir).saved_config()
+        cfg.update_from_flattened_dict(dict(config_flags.get_override_values(fv["config"])))
     if fv.mesh:
         try:
             cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in fv.mesh.split(","))
@@ -391,7 +397,9 @@ SUBCOMMANDS = {
         _run_plan_memory,
         (("topology", None, "TPU topology name, e.g. v5p:2x2x1, v5e:2x4, v4:2x2x1"),
          ("mesh", "", "DATA,FSDP,TENSOR mesh over the topology's devices (default: "
-                      "config.mesh)")), progress_flag=False),
+                      "config.mesh)"),
+         ("workdir", "", "a trained run's folder: plan its saved config instead of --config")),
+        progress_flag=False),
     "eval": Subcommand(
         "Evaluate a trained run's checkpoint: validation loss (diffusion: ELBO with num_mc "
         "draws and its standard error), bits per byte, downstream tasks; appended to "

@@ -59,7 +59,22 @@ def test_compiled_cost_and_roofline_are_consistent(v5p_plan):
     (["plan-memory", "--topology=v99:1x1"], "--topology='v99:1x1'"),
     (["plan-memory", "--topology=v5p:2x2x1", "--mesh=1,x,1"], "--mesh='1,x,1'"),
     (["plan-memory", "--topology=v5p:2x2x1", "--mesh=3,1,1"], "does not match the 4 devices"),
+    (["plan-memory", "--topology=v5p:2x2x1", "--workdir=/nonexistent/run"],
+     "--workdir='/nonexistent/run' holds no trained run (no config.json)"),
+    (["plan-memory", "--topology=v5p:2x2x1", "--workdir=/nonexistent/run",
+      "--config=configs/tiny.py"], "--config=FILE and --workdir both name the config"),
 ])
 def test_plan_memory_wrong_arguments(argv, message, capsys):
     assert main(["dvar", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_memory_of_a_trained_run_uses_its_saved_config(trained_runs, capsys):
+    """--workdir plans the run's config.json (the run folder's saved config over today's
+    defaults), with --config.KEY changes on top: here the run's cpu-xs model at batch 8."""
+    workdir = trained_runs["ar"]
+    argv = ["dvar", "plan-memory", "--topology=v5p:2x2x1", "--mesh=1,4,1",
+            f"--workdir={workdir}", "--config.data.vocab_size=400"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ar cpu-xs on v5p:2x2x1" in out and "batch 8 x 32" in out, out
