@@ -43,12 +43,12 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from dvar_jax.kernels import cross_entropy as ce
+from dvar_jax.kernels.common import GPU_BACKENDS
 from dvar_jax.kernels.flash_attention import flash_attention
 from dvar_jax.kernels.splash import splash_attention
 from dvar_jax.model.attention import dot_product_attention
 
 MEMORY_LIMIT = 0.25  # chunked and pallas temp bytes must be <= this fraction of naive's
-GPU_BACKENDS = ("gpu", "cuda", "rocm")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 DEFAULTS = {"tokens": 8192, "vocab": 50304, "dim": 1024, "seqs": [2048, 4096], "batch": 8,
