@@ -1,6 +1,7 @@
 """`dvar demo`: AR and masked diffusion, same model size, same unique tokens, many epochs."""
 
 import json
+import math
 from pathlib import Path
 
 from ml_collections import ConfigDict
@@ -11,9 +12,13 @@ from dvar_jax.eval.sampling import generate
 from dvar_jax.files import write_atomically
 from dvar_jax.report import markdown_table, plot_curves, run_table
 from dvar_jax.run_dir import METRICS_FILE, DemoDir
+from dvar_jax.scaling.flops import training_flops
+from dvar_jax.scaling.planner import LAW_SETS, critical_compute
 from dvar_jax.train import train
 
 OBJECTIVES = ("ar", "diffusion")
+STUDY_LAW_SET = "prabhudesai2025"  # the shipped laws `dvar plan` uses by default
+STUDY_FIT_RANGE = "25M-100M"  # the unique-token budgets the study's multi-epoch fit saw
 SAMPLE_PROMPTS = ("", "And")  # a document start, and a common first word of a line
 
 
@@ -31,6 +36,28 @@ def sample_section(runs: dict[str, Path], n_new: int) -> list[str]:
                          seq_len=run.cfg.data.seq_len, top_p=0.9)
         for prompt, text in zip(SAMPLE_PROMPTS, texts, strict=True):
             lines += [f"**{name}**, prompt {prompt!r}:", "", "```", prompt + text, "```", ""]
+    return lines
+
+
+def standing_section(unique_tokens: int, flops: float) -> list[str]:
+    """Markdown: the compute the demo used against C_crit(U) of the study's laws, and what the
+    study predicts there, in one sentence."""
+    c_crit = critical_compute(LAW_SETS[STUDY_LAW_SET]["laws"], unique_tokens)
+    lines = ["## Where this demo stands", "",
+             f"Compute: each model trained for C = 6ND = {flops:.3g} FLOPs. C_crit(U = "
+             f"{unique_tokens:,}) from the study's laws (law set `{STUDY_LAW_SET}`, `dvar plan`): "
+             + ("none (no crossover between 1e6 and 1e30 FLOPs)." if math.isnan(c_crit)
+                else f"{c_crit:.3g} FLOPs."), ""]
+    if math.isnan(c_crit):
+        prediction = "the study's laws predict no crossover at this U"
+    elif flops > c_crit:
+        prediction = (f"the study's laws predict diffusion ahead at this compute "
+                      f"({flops / c_crit:.2g}x C_crit)")
+    else:
+        prediction = (f"the study's laws predict AR ahead at this compute ({flops / c_crit:.2g}x "
+                      "C_crit)")
+    lines += [f"At U = {unique_tokens:,} unique tokens {prediction}, extrapolating their fit on "
+              f"{STUDY_FIT_RANGE} unique tokens far below its range.", ""]
     return lines
 
 
@@ -68,6 +95,8 @@ def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = No
         "a model that overfits the repeated tokens climbs after its best epoch.", "",
         f"![validation curves]({demo.curves_path.name})", "",
         f"Summary: {line}", "",
+        *standing_section(cfg.data.unique_tokens,
+                          training_flops(summaries["ar"].params, summaries["ar"].tokens)),
         "Runs: " + ", ".join(f"[{k}]({k}/{METRICS_FILE})" for k in runs), "",
         *sample_section(runs, n_new=min(48, cfg.data.seq_len - 4)),
     ]

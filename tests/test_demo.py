@@ -1,12 +1,14 @@
 """`dvar demo`: both objectives, one report, one plot, one summary line."""
 
 import json
+import math
 import re
 
 import pytest
 
 from dvar_jax.cli import main
 from dvar_jax.report import run_table
+from dvar_jax.scaling.planner import LAW_SETS, critical_compute
 
 
 def _tiny_demo_flags(workdir):
@@ -34,6 +36,19 @@ def _check_demo(workdir, out):
     assert "![validation curves](curves.png)" in report and line in report
     assert "## Samples" in report
     assert report.count("**ar**, prompt") == 2 and report.count("**diffusion**, prompt") == 2
+    # Where it stands: C = 6ND by hand, C_crit(U) of the shipped laws, and the prediction's side.
+    summary = json.loads((workdir / "ar" / "summary.json").read_text())
+    flops = 6 * summary["params"] * summary["tokens"]
+    unique = json.loads((workdir / "ar" / "config.json").read_text())["data"]["unique_tokens"]
+    c_crit = critical_compute(LAW_SETS["prabhudesai2025"]["laws"], unique)
+    assert f"each model trained for C = 6ND = {flops:.3g} FLOPs" in report
+    assert f"C_crit(U = {unique:,}) from the study's laws" in report
+    if math.isnan(c_crit):
+        assert "predict no crossover at this U" in report
+    else:
+        assert f"{c_crit:.3g} FLOPs." in report
+        side = "diffusion" if flops > c_crit else "AR"
+        assert f"the study's laws predict {side} ahead at this compute" in report
     png = (workdir / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
