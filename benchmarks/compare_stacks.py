@@ -39,8 +39,9 @@ def run_once(python: str, checkout: Path, args: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    ours, _, passed = (argv[:argv.index("--")], None, argv[argv.index("--") + 1:]) \
-        if "--" in argv else (argv, None, [])
+    # Our flags, then after "--" the ones train_throughput.py gets.
+    split = argv.index("--") if "--" in argv else len(argv)
+    ours, passed = argv[:split], argv[split + 1:]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--a", type=_stack, required=True, help="LABEL=PYTHON:CHECKOUT")
     p.add_argument("--b", type=_stack, required=True, help="LABEL=PYTHON:CHECKOUT")

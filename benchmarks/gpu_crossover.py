@@ -52,7 +52,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_GRID = ROOT / "configs" / "crossover.py"
-LAW_SET = "prabhudesai2025"
 H200_BF16_MEASURED = 790e12  # the device notes' 8192^3 bf16 matmul, FLOP/s
 START = time.time()
 
@@ -151,8 +150,8 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
 
 
 def c_crit(unique_tokens: float) -> float:
-    from dvar_jax.scaling.planner import LAW_SETS, critical_compute
-    return critical_compute(LAW_SETS[LAW_SET], unique_tokens)
+    from dvar_jax.scaling.planner import DEFAULT_LAW_SET, LAW_SETS, critical_compute
+    return critical_compute(LAW_SETS[DEFAULT_LAW_SET], unique_tokens)
 
 
 def verdicts(rows: list[dict]) -> list[dict]:

@@ -19,6 +19,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from dvar_jax.scaling.planner import DEFAULT_LAW_SET
+
 # The packaged defaults (dvar_jax/configs/): a command's default config file.
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -471,7 +473,7 @@ SUBCOMMANDS = {
         "loss, its model size and epochs, both predicted losses, and C_crit(U).", None, _run_plan,
         (("unique_tokens", None, "unique tokens U you have, e.g. 100M or 1e8"),
          ("flops", None, "training compute C in FLOPs, e.g. 1e20"),
-         ("laws", "prabhudesai2025", "a named law set (the study's published constants)"),
+         ("laws", DEFAULT_LAW_SET, "a named law set (the study's published constants)"),
          ("results", "", "fit the laws to this results file instead of --laws")),
         progress_flag=False, dashed_flags=True),
 }

@@ -13,11 +13,15 @@ from dvar_jax.files import write_atomically
 from dvar_jax.report import markdown_table, plot_curves, run_table
 from dvar_jax.run_dir import METRICS_FILE, DemoDir
 from dvar_jax.scaling.flops import training_flops
-from dvar_jax.scaling.planner import LAW_SETS, critical_compute
+from dvar_jax.scaling.planner import (
+    DEFAULT_LAW_SET,
+    FLOPS_RANGE,
+    LAW_SETS,
+    critical_compute,
+)
 from dvar_jax.train import train
 
 OBJECTIVES = ("ar", "diffusion")
-STUDY_LAW_SET = "prabhudesai2025"  # the shipped laws `dvar plan` uses by default
 STUDY_FIT_RANGE = "25M-100M"  # the unique-token budgets the study's multi-epoch fit saw
 SAMPLE_PROMPTS = ("", "And")  # a document start, and a common first word of a line
 
@@ -42,12 +46,13 @@ def sample_section(runs: dict[str, Path], n_new: int) -> list[str]:
 def standing_section(unique_tokens: int, flops: float) -> list[str]:
     """Markdown: the compute the demo used against C_crit(U) of the study's laws, and what the
     study predicts there, in one sentence."""
-    c_crit = critical_compute(LAW_SETS[STUDY_LAW_SET]["laws"], unique_tokens)
+    c_crit = critical_compute(LAW_SETS[DEFAULT_LAW_SET]["laws"], unique_tokens)
     lines = ["## Where this demo stands", "",
              f"Compute: each model trained for C = 6ND = {flops:.3g} FLOPs. C_crit(U = "
-             f"{unique_tokens:,}) from the study's laws (law set `{STUDY_LAW_SET}`, `dvar plan`): "
-             + ("none (no crossover between 1e6 and 1e30 FLOPs)." if math.isnan(c_crit)
-                else f"{c_crit:.3g} FLOPs."), ""]
+             f"{unique_tokens:,}) from the study's laws (law set `{DEFAULT_LAW_SET}`, "
+             "`dvar plan`): "
+             + ("none (no crossover between {:.0e} and {:.0e} FLOPs).".format(*FLOPS_RANGE)
+                if math.isnan(c_crit) else f"{c_crit:.3g} FLOPs."), ""]
     if math.isnan(c_crit):
         prediction = "the study's laws predict no crossover at this U"
     elif flops > c_crit:

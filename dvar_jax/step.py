@@ -74,7 +74,7 @@ def plan_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformat
         params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, _ = abstract_params(model_cfg)
     placement = None
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())

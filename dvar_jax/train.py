@@ -199,23 +199,23 @@ class _Loop:
         # pending: (step, metrics) of the steps not yet logged; saved with each checkpoint so a
         # resumed run logs exactly what an uninterrupted one would.
         self.pending: list[tuple[int, dict]] = []
-        self.start_step = self._restore()
+        restored_step = self._restore()
+        self.start_step = restored_step or 0
         # Only now, with the data loaded and the checkpoint (if any) restored: a run refused
         # earlier must not replace the config of the run the workdir holds.
         run.write_config(cfg)
-        run.keep_metrics_through(self.start_step if self.restored else -1)
+        run.keep_metrics_through(-1 if restored_step is None else restored_step)
         self.writer: MetricsWriter = run.metrics_writer()
         kept = run.read_metrics() if self.writer.path.exists() else []
         self.history = [(r["epoch"], r["val_loss"]) for r in kept if r["kind"] == "eval"]
         self.skipped_total = int(sum(r.get("skipped", 0) for r in kept if r["kind"] == "train"))
 
-    def _restore(self) -> int:
-        """The step to start from: the latest readable checkpoint's (its state and pending
-        metrics restored), else 0."""
+    def _restore(self) -> int | None:
+        """The step of the latest readable checkpoint, its state and pending metrics restored;
+        None when there is none."""
         restored = self.checkpoints.restore_latest(abstract_like(self.state))
-        self.restored = restored is not None
         if restored is None:
-            return 0
+            return None
         start_step, self.state, meta = restored
         self.pending = [(s, m) for s, m in meta["pending"]]
         print(f"{self.cfg.objective}: resuming {self.run_dir.root} from the checkpoint at step "

@@ -50,6 +50,9 @@ def _study_law(objective: str, calibrated: bool) -> dict:
     return make_law(**c)
 
 
+# The law set `dvar plan` and the demo report use unless told otherwise.
+DEFAULT_LAW_SET = "prabhudesai2025"
+
 LAW_SETS: dict[str, dict] = {
     "prabhudesai2025": {
         "description": (
