@@ -18,6 +18,10 @@ INSTALL_REQUIRES = [
     # for Python < 3.9 (tensorflow/datasets#11212).
     "importlib_resources>=6",
     "sentencepiece>=0.2.3,<0.3",
+    # Byte-level BPE (GPT-2's, the study's tokenizer) from local files; ids exactly the library's.
+    "tokenizers>=0.23.3,<0.24",
+    # Paths that may be gs:// (token stores), local or through tf.io.gfile / fsspec.
+    "etils[epath]>=1.15,<2",
     "numpy>=2.0,<3",
     "absl-py>=2.0",
     "tensorboardX>=2.6,<3",

@@ -212,7 +212,7 @@ def validation_variance(run: LoadedRun, ks: Sequence[int], seeds: Sequence[int],
     with few seeds the smallest K's std reads low and the slope looks flatter than -1/2.
     """
     seq = run.cfg.data.seq_len
-    windows = validation_windows(run.streams.validation, seq, validation_tokens)
+    windows = validation_windows(run.data.validation, seq, validation_tokens)
     n = len(windows)
     graphdef, params = nnx.split(run.model)
     draws_fn = run.objective.validation_draws

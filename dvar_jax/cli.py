@@ -5,10 +5,13 @@ Each subcommand has its own flag set (absl flags + ml-collections config overrid
 value is a clear error (exit status 2) before anything runs.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import sys
+import tempfile
 
 # TensorFlow (imported by seqio and tfds) prints CUDA and oneDNN start-up notices that say
 # nothing about this program; keep them out of the user's terminal unless asked for.
@@ -189,6 +192,59 @@ def _run_train(fv: flags.FlagValues) -> int:
     print(f"{s.objective}: best validation loss {s.best_val_loss:.4f} at epoch "
           f"{s.best_epoch:.1f}; final {s.final_val_loss:.4f} ({s.steps} steps, "
           f"{s.tokens:,} tokens) -> {fv.workdir}")
+    return 0
+
+
+# Where each source's documents come from when --split is not given.
+_DEFAULT_SPLIT = {"shakespeare": "train", "tfds": "train"}
+
+
+def _run_prepare(fv: flags.FlagValues) -> int:
+    from dvar_jax.data.corpus import SOURCE_KINDS, SourceSpec, check_source
+    from dvar_jax.data.prepare import check_arguments
+
+    if fv.source not in SOURCE_KINDS:
+        raise UsageError(f"--source={fv.source!r}; allowed: {', '.join(SOURCE_KINDS)}")
+    split = fv.split or _DEFAULT_SPLIT.get(fv.source) or (
+        "all" if fv.validation_fraction == 0 else "")
+    if not split:
+        raise UsageError(f"--validation_fraction={fv.validation_fraction} splits the text by "
+                         "document: choose --split=train or --split=validation")
+    source = SourceSpec(fv.source, split, path=fv.path, text_field=fv.text_field,
+                        validation_fraction=fv.validation_fraction, tfds_name=fv.tfds_name,
+                        tfds_data_dir=fv.tfds_data_dir)
+    # Everything that can be refused is, before a tokenizer is trained or loaded.
+    check_arguments(fv.out, fv.workers, fv.shard_chars)
+    check_source(source)
+    with contextlib.ExitStack() as stack:
+        return _prepare_with(fv, source, stack)
+
+
+def _prepare_with(fv: flags.FlagValues, source, stack: contextlib.ExitStack) -> int:
+    from dvar_jax.data.corpus import iter_documents
+    from dvar_jax.data.prepare import prepare_store
+    from dvar_jax.data.tokenizer import open_tokenizer, train_sentencepiece
+
+    own = Path(fv.out).expanduser() / "tokenizer"
+    if fv.tokenizer:
+        tokenizer = open_tokenizer(fv.tokenizer, fv.eod_id)
+    elif (own / "dvar_tokenizer.json").exists():  # a resumed prepare keeps its trained model
+        tokenizer = open_tokenizer(str(own))
+    else:
+        print(f"training a SentencePiece {fv.tokenizer_type} tokenizer of {fv.vocab_size} ids "
+              "on this split (give --tokenizer to use your own)", file=sys.stderr)
+        # seqio reads the model file lazily: it lives until the store holds its own copy.
+        scratch = stack.enter_context(tempfile.TemporaryDirectory())
+        model = Path(scratch) / "trained.model"
+        model.write_bytes(train_sentencepiece(iter_documents(source), fv.vocab_size,
+                                              fv.tokenizer_type))
+        tokenizer = open_tokenizer(str(model))
+    given = [name for name, _, _ in SUBCOMMANDS["prepare"].options if fv[name].present]
+    command = shlex.join(["dvar", "prepare", *(f"--{n}={fv[n].value}" for n in given)])
+    manifest = prepare_store(source, tokenizer, fv.out, workers=fv.workers,
+                             shard_chars=fv.shard_chars, command=command)
+    print(f"{fv.out}: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
+          f"{len(manifest['shards'])} shards; {tokenizer.description}")
     return 0
 
 
@@ -389,6 +445,29 @@ SUBCOMMANDS = {
                       "checkpoints/; an existing one is resumed"),
                      ("override", False, "continue a workdir whose saved config differs in "
                                          "run-defining keys"))),
+    "prepare": Subcommand(
+        "Tokenize one split of a corpus (the embedded Shakespeare, your text or C4's JSON files, "
+        "or a prepared TFDS dataset) into a sharded token store that training reads.", None,
+        _run_prepare,
+        (("source", None, "shakespeare, text (a folder, file or glob of .txt / .jsonl / "
+                          ".jsonl.gz / .json.gz) or tfds (a prepared TFDS dataset)"),
+         ("out", None, "the store's folder (local); an unfinished one is resumed"),
+         ("split", "", "shakespeare: train|validation; text: all|train|validation (the hash "
+                       "split by --validation_fraction); tfds: a split, e.g. validation"),
+         ("path", "", "text: folder, file or glob, e.g. 'c4/en/c4-train.*-of-01024.json.gz'"),
+         ("text_field", "text", "the JSON / TFDS field holding the text"),
+         ("validation_fraction", 0.0, "text: share of documents (by name hash) in validation"),
+         ("tfds_name", "", "tfds: the dataset, e.g. c4/en:3.1.0 (never downloaded)"),
+         ("tfds_data_dir", "", "tfds: its data_dir, local or gs://"),
+         ("tokenizer", "", "a SentencePiece .model, a tokenizer.json, a folder with GPT-2's "
+                           "vocab.json + merges.txt, or another store's tokenizer/ folder; "
+                           "empty = train a SentencePiece model on this split"),
+         ("eod_id", -1, "end-of-document id of a BPE tokenizer (-1 = its <|endoftext|>)"),
+         ("vocab_size", 4096, "ids of the SentencePiece model trained when --tokenizer is empty"),
+         ("tokenizer_type", "unigram", "unigram or bpe: the SentencePiece model trained"),
+         ("workers", 0, "tokenizing processes (0 = all cores)"),
+         ("shard_chars", 1 << 24, "characters of whole documents per shard")),
+        progress_flag=False, dashed_flags=True),
     "demo": Subcommand(
         "Train AR and diffusion models of one size on the same small unique-token budget for "
         "many epochs; write report.md and curves.png.", "demo.py", _run_demo,

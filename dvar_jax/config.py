@@ -16,7 +16,7 @@ from dvar_jax.objectives import Objective, config_problems, objective_from_confi
 from dvar_jax.sharding import distributed_problems, mesh_size_problems, rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
-DATA_SOURCES = ("shakespeare", "text")
+DATA_SOURCES = ("shakespeare", "text", "store")
 TOKENIZER_TYPES = ("unigram", "bpe")
 
 
@@ -100,7 +100,19 @@ def validate_config(cfg: ConfigDict) -> None:
     check(d.source != "text" or bool(d.path), "data.source='text' needs data.path")
     check(0.0 < d.validation_fraction < 1.0,
           f"data.validation_fraction={d.validation_fraction}: must be in (0, 1)")
-    check(d.unique_tokens >= 2, f"data.unique_tokens={d.unique_tokens}: must be >= 2")
+    for key in ("train_store", "validation_store"):
+        check(d.source != "store" or bool(d[key]), f"data.source='store' needs data.{key} "
+              "(a folder made by `dvar prepare`)")
+    check(d.unique_documents >= 0,
+          f"data.unique_documents={d.unique_documents}: must be >= 0 (0 = use unique_tokens)")
+    if d.unique_documents:
+        check(d.unique_tokens == 0, f"data.unique_documents={d.unique_documents} and "
+              f"data.unique_tokens={d.unique_tokens}: give one of them (set the other to 0)")
+        check(d.source == "store", f"data.unique_documents={d.unique_documents}: needs "
+              f"data.source='store', not {d.source!r} (or use data.unique_tokens)")
+    else:
+        check(d.unique_tokens >= 2, f"data.unique_tokens={d.unique_tokens}: must be >= 2")
+    check(d.eod_id >= -1, f"data.eod_id={d.eod_id}: must be >= 0, or -1 (the tokenizer's own)")
     check(d.epochs > 0, f"data.epochs={d.epochs}: must be > 0")
     check(d.seq_len >= 2, f"data.seq_len={d.seq_len}: must be >= 2")
     check(d.validation_tokens >= 0,

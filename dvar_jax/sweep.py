@@ -200,9 +200,22 @@ def with_overrides(runs: list[tuple[str, ConfigDict]], overrides: dict[str, Any]
 # sizes, tokens, FLOPs
 
 
+# Mean GPT-2 tokens per C4 document (the study's K = U / 478.6, from datablations): the plan's
+# U for a run that takes its first K documents (data.unique_documents) before it has a store.
+TOKENS_PER_C4_DOCUMENT = 478.625835
+
+
+def planned_unique_tokens(cfg: ConfigDict) -> int:
+    """U of a run before training: data.unique_tokens, or K documents at C4's mean length."""
+    if cfg.data.unique_documents:
+        return round(cfg.data.unique_documents * TOKENS_PER_C4_DOCUMENT)
+    return cfg.data.unique_tokens
+
+
 def num_steps(cfg: ConfigDict) -> int:
-    """Train steps of a run, as dvar_jax.data.pipeline.TrainBatches counts them."""
-    windows = (cfg.data.unique_tokens - 1) // cfg.data.seq_len
+    """Train steps of a run, as dvar_jax.data.pipeline.TrainBatches counts them (estimated
+    for data.unique_documents)."""
+    windows = (planned_unique_tokens(cfg) - 1) // cfg.data.seq_len
     return math.floor(cfg.data.epochs * windows / cfg.train.batch_size)
 
 
@@ -216,7 +229,7 @@ def run_row(name: str, cfg: ConfigDict) -> dict[str, Any]:
     tokens = num_steps(cfg) * cfg.train.batch_size * cfg.data.seq_len
     width = dims["n_heads"] * dims["head_dim"]
     return {"name": name, "objective": cfg.objective, "size": cfg.model.name, "params": params,
-            "unique_tokens": cfg.data.unique_tokens, "epochs": cfg.data.epochs,
+            "unique_tokens": planned_unique_tokens(cfg), "epochs": cfg.data.epochs,
             "steps": num_steps(cfg), "tokens": tokens, "flops": training_flops(params, tokens),
             "flops_attention": training_flops(
                 params, tokens, attention=(dims["n_layers"], cfg.data.seq_len, width))}
@@ -241,7 +254,7 @@ def cpu_seconds(cfg: ConfigDict) -> float | None:
     if objective.diffusion_block:
         rate /= 2
     steps = num_steps(cfg)
-    windows = (cfg.data.unique_tokens - 1) // cfg.data.seq_len
+    windows = (planned_unique_tokens(cfg) - 1) // cfg.data.seq_len
     eval_every = max(1, round(cfg.eval.every_epochs * windows / cfg.train.batch_size))
     evals = 1 + steps // eval_every + (steps % eval_every > 0)
     eval_tokens = cfg.data.validation_tokens * (1 if objective.exact else cfg.eval.num_mc)
@@ -320,7 +333,8 @@ def make_record(grid: Grid, name: str, cfg: ConfigDict, summary: dict, run_dir: 
     params, tokens = summary["params"], summary["tokens"]
     return {
         "name": name, "grid": grid.label, "objective": summary["objective"],
-        "params": params, "unique_tokens": cfg.data.unique_tokens,
+        "params": params,
+        "unique_tokens": summary.get("unique_tokens") or cfg.data.unique_tokens,
         "epochs": cfg.data.epochs, "tokens": tokens, "flops": training_flops(params, tokens),
         "flops_attention": training_flops(params, tokens, attention=attention),
         "best_val_loss": summary["best_val_loss"], "final_val_loss": summary["final_val_loss"],
@@ -343,8 +357,10 @@ class SweepResult:
 
 
 def _check_startable(grid: Grid, runs: list[tuple[str, ConfigDict]], workdir: Path) -> None:
-    """Every check that can fail before any training starts: required values still unset, and
-    run folders holding another config. ValueError; nothing is written."""
+    """Every check that can fail before any training starts: required values still unset, run
+    folders holding another config, and token stores that are missing, unfinished, too small
+    or of another tokenizer. ValueError; nothing is written."""
+    needed: dict[tuple[str, str], tuple[int, ConfigDict]] = {}
     for name, cfg in runs:
         for key in unset_required(cfg):
             value = cfg
@@ -353,11 +369,19 @@ def _check_startable(grid: Grid, runs: list[tuple[str, ConfigDict]], workdir: Pa
             raise ValueError(f"grid {grid.label!r} needs a value for {key} (run {name}: "
                              f"{value.strip('<>')}); e.g. dvar sweep run --grid={grid.spec} "
                              f"--config.{key}=VALUE ...")
+        if cfg.data.source == "store":
+            stores = (cfg.data.train_store, cfg.data.validation_store)
+            if planned_unique_tokens(cfg) > needed.get(stores, (0, cfg))[0]:
+                needed[stores] = planned_unique_tokens(cfg), cfg
         differences = RunDir(workdir / name).config_differences(cfg)
         if differences:
             raise ValueError(f"{workdir / name} holds run {name} with another config "
                              f"({', '.join(differences)} differ); use another --workdir or "
                              "remove that folder")
+    from dvar_jax.data.pipeline import check_stores
+
+    for _, cfg in needed.values():  # the run needing the most of each store
+        check_stores(cfg.data)
 
 
 def command_line(grid: Grid, name: str, workdir: str, results: str | None,

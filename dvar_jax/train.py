@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dvar_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
 from dvar_jax.config import transformer_config, validate_config
-from dvar_jax.data.pipeline import TrainBatches, load_token_streams, validation_windows
+from dvar_jax.data.pipeline import TrainBatches, open_run_data, validation_windows
 from dvar_jax.metrics import MetricsWriter
 from dvar_jax.objectives import objective_from_config
 from dvar_jax.perf import measure_matmul_peak
@@ -59,6 +59,7 @@ class RunSummary(NamedTuple):
     tokens: int
     completed: bool = True  # False: stopped by SIGTERM after saving; rerun to resume
     skipped_steps: int = 0
+    unique_tokens: int = 0  # U as trained (data.unique_documents resolves it from the store)
 
 
 class NonFiniteError(RuntimeError):
@@ -166,11 +167,12 @@ class _Loop:
     def __init__(self, cfg: ConfigDict, run: RunDir, mesh: Mesh, rules: LogicalRules,
                  progress: bool | None, preempted: list[bool]):
         self.cfg, self.run_dir, self.preempted = cfg, run, preempted
-        streams = load_token_streams(cfg.data)
-        self.batches = TrainBatches.from_config(cfg, streams.train)
-        self.val_windows = validation_windows(streams.validation, cfg.data.seq_len,
+        data = open_run_data(cfg.data)
+        self.batches = TrainBatches.from_config(cfg, data.train)
+        data.train.check_shards(self.batches.unique_tokens)
+        self.val_windows = validation_windows(data.validation, cfg.data.seq_len,
                                               cfg.data.validation_tokens)
-        vocab_size = streams.tokenizer.vocab_size
+        vocab_size = data.tokenizer.vocab_size
         objective = objective_from_config(cfg)
         model_cfg = transformer_config(cfg, vocab_size, objective)
         mask_id = vocab_size
@@ -325,7 +327,7 @@ class _Loop:
         done = int(step) if not completed else self.num_steps
         summary = RunSummary(self.cfg.objective, self.n_params, best, best_epoch,
                              self.history[-1][1], done, done * self.tokens_per_step, completed,
-                             self.skipped_total)
+                             self.skipped_total, self.batches.unique_tokens)
         if completed:
             self.run_dir.write_summary(summary._asdict())
         return summary

@@ -116,7 +116,7 @@ examples:
   $PROG logs   --name=dvar-1 --zone=us-west4-a --worker=all
   $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=runs/ar --worker=all
   $PROG sweep  --name=dvar-1 --zone=us-west4-a --grid=paper --workdir=runs/paper -- \\
-      --only='ar-*-U100M-*' --config.data.path=/data/c4
+      --only='ar-*-U100M-*' --config.data.train_store=gs://b/stores/c4-train --config.data.validation_store=gs://b/stores/c4-val
   dvar sweep run --grid=grid.py --workdir=runs/g --emit-commands | \\
       $PROG sweep --name=dvar-1 --zone=us-west4-a
   $PROG delete --name=dvar-1 --zone=us-west4-a

@@ -60,7 +60,7 @@ def test_unique_tokens_beyond_the_corpus_names_both_numbers(text_data_cfg, tmp_p
             "--config.data.unique_tokens=10000000", "--config.model.name=cpu-xs"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "data.unique_tokens=10000000" in err and "exceeds the train stream's" in err
+    assert "data.unique_tokens=10,000,000 exceeds the" in err and " tokens of " in err
 
 
 def test_train_runs_and_reports(text_data_cfg, tmp_path, capsys):

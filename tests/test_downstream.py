@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dvar_jax.data.corpus import load_corpus
-from dvar_jax.data.tokenizer import load_tokenizer
+from dvar_jax.data.pipeline import open_run_data
 from dvar_jax.eval import downstream
 from dvar_jax.eval.downstream import (
     TASKS,
@@ -180,7 +179,7 @@ def tasks_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(text_data_cfg):
-    return load_tokenizer(text_data_cfg, load_corpus(text_data_cfg))
+    return open_run_data(text_data_cfg).tokenizer
 
 
 # ---------------------------------------------------------------- prompts

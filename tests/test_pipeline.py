@@ -1,18 +1,11 @@
 """Token streams, training batches (budget U, epochs, host slices) and validation windows."""
 
-import time
-
 import numpy as np
 import pytest
 
 from dvar_jax.configs.base import get_config
 from dvar_jax.data import corpus as corpus_lib
-from dvar_jax.data.pipeline import (
-    TrainBatches,
-    encode_documents,
-    load_token_streams,
-    validation_windows,
-)
+from dvar_jax.data.pipeline import TrainBatches, open_run_data, validation_windows
 
 
 def _batches(tokens, **overrides):
@@ -145,15 +138,6 @@ def test_from_config_uses_data_train_and_seed():
     assert single.local_batch_size == 10
 
 
-def test_gather_is_fast():
-    tokens = np.arange(1_000_001, dtype=np.int32)
-    batches = _batches(tokens, seq_len=128, batch_size=64, epochs=1)
-    start = time.perf_counter()
-    for step in range(50):
-        batches.batch(step)
-    assert (time.perf_counter() - start) / 50 < 0.05  # seconds per batch, far below a step
-
-
 def test_validation_windows_are_fixed():
     tokens = np.arange(23, dtype=np.int32)
     windows = validation_windows(tokens, seq_len=5)
@@ -165,24 +149,26 @@ def test_validation_windows_are_fixed():
         validation_windows(tokens, 5, max_tokens=5)
 
 
-# --- streams from a real (small) corpus ------------------------------------------------
+# --- stores of a real (small) corpus ------------------------------------------------------
 
 
-def test_token_streams_are_documents_with_separators(text_data_cfg):
-    streams = load_token_streams(text_data_cfg)
-    corpus = corpus_lib.load_corpus(text_data_cfg)
-    tok = streams.tokenizer
-    for stream, docs in ((streams.train, corpus.train), (streams.validation, corpus.validation)):
-        assert stream.dtype == np.int32 and stream.ndim == 1
-        assert stream[-1] == tok.eod_id
-        assert int((stream == tok.eod_id).sum()) == len(docs)
-        pieces = np.split(np.asarray(stream), np.flatnonzero(stream == tok.eod_id) + 1)[:-1]
-        assert [tok.decode(p) for p in pieces] == [d.text for d in docs]
-    # The second load reads the cached arrays (memory-mapped), identical.
-    again = load_token_streams(text_data_cfg)
-    assert isinstance(again.train, np.memmap)
-    np.testing.assert_array_equal(again.train, streams.train)
-    np.testing.assert_array_equal(encode_documents(tok, corpus.validation), streams.validation)
+def test_run_data_stores_are_documents_with_separators(text_data_cfg):
+    """The implicit stores of a text folder hold its split's documents, in order, each with
+    end-of-document, and a second open reuses them."""
+    data = open_run_data(text_data_cfg)
+    tok = data.tokenizer
+    for split, store in (("train", data.train), ("validation", data.validation)):
+        spec = corpus_lib.SourceSpec("text", split, path=text_data_cfg.path,
+                                     validation_fraction=text_data_cfg.validation_fraction)
+        texts = [d.text for d in corpus_lib.iter_documents(spec)]
+        stream = store.read(0, store.num_tokens)
+        assert stream[-1] == tok.eod_id and int((stream == tok.eod_id).sum()) == len(texts)
+        pieces = np.split(stream, np.flatnonzero(stream == tok.eod_id) + 1)[:-1]
+        assert [tok.decode(p) for p in pieces] == texts
+        reference = np.concatenate([np.array([*tok.encode(t), tok.eod_id]) for t in texts])
+        np.testing.assert_array_equal(stream, reference)
+    again = open_run_data(text_data_cfg)
+    assert again.train.path == data.train.path and again.train.fingerprint == data.train.fingerprint
 
 
 @pytest.mark.slow
@@ -195,20 +181,24 @@ def test_real_embedded_corpus(tmp_path):
     """
     cfg = get_config()
     cfg.data.cache_dir = str(tmp_path)
-    corpus = corpus_lib.load_corpus(cfg.data)
-    assert len(corpus.train) + len(corpus.validation) == 42
-    assert [d.name for d in corpus.validation] == ["hamlet", "henry_v", "sonnets", "twelfth_night"]
-    train_lines = {line for d in corpus.train for line in d.text.splitlines()}
-    long_val_lines = {line for d in corpus.validation for line in d.text.splitlines()
+    spec = {split: corpus_lib.SourceSpec("shakespeare", split, cache_dir=str(tmp_path))
+            for split in ("train", "validation")}
+    train = list(corpus_lib.iter_documents(spec["train"]))
+    validation = list(corpus_lib.iter_documents(spec["validation"]))
+    assert len(train) + len(validation) == 42
+    assert [d.name for d in validation] == ["hamlet", "henry_v", "sonnets", "twelfth_night"]
+    train_lines = {line for d in train for line in d.text.splitlines()}
+    long_val_lines = {line for d in validation for line in d.text.splitlines()
                       if len(line) >= 40}
     assert long_val_lines and not long_val_lines & train_lines
-    assert 4.4e6 < sum(len(d.text) for d in corpus.train) < 4.6e6
+    assert 4.4e6 < sum(len(d.text) for d in train) < 4.6e6
 
-    streams = load_token_streams(cfg.data)
-    assert streams.tokenizer.vocab_size == 4096
-    n_train, n_val = len(streams.train), len(streams.validation)
+    data = open_run_data(cfg.data)
+    assert data.tokenizer.vocab_size == 4096
+    n_train, n_val = data.train.num_tokens, data.validation.num_tokens
     assert 1.4e6 < n_train < 1.8e6 and 1.6e5 < n_val < 2.2e5
-    hamlet = corpus.validation[0].text
-    assert streams.tokenizer.decode(streams.tokenizer.encode(hamlet)) == hamlet
-    batches = TrainBatches.from_config(cfg, streams.train, process_index=0, process_count=1)
+    assert (data.train.num_documents, data.validation.num_documents) == (38, 4)
+    hamlet = validation[0].text
+    assert data.tokenizer.decode(data.tokenizer.encode(hamlet)) == hamlet
+    batches = TrainBatches.from_config(cfg, data.train, process_index=0, process_count=1)
     assert batches.batch(batches.num_steps - 1).shape == (32, 129)

@@ -42,7 +42,8 @@ def test_paper_grid_has_200_distinct_complete_runs(paper_grid):
         validate_config(cfg)  # complete configs (load_grid checked them too)
         assert set(cfg.keys()) == set(get_config().keys())
         assert name.startswith(f"{cfg.objective}-{cfg.model.name}-")
-        assert cfg.data.path.startswith("<required: --config.data.path=")
+        assert cfg.data.source == "store"
+        assert cfg.data.train_store.startswith("<required: --config.data.train_store=")
         assert (cfg.data.seq_len, cfg.train.batch_size, cfg.data.vocab_size) == (2048, 256, 50257)
     objectives = [cfg.objective for _, cfg in paper_grid.runs]
     assert objectives.count("ar") == objectives.count("diffusion")
@@ -264,9 +265,34 @@ def test_run_sweep_trains_records_once_skips_and_resumes(micro_grid, tmp_path, m
 
 
 def test_a_required_value_left_unset_is_refused(paper_grid, tmp_path):
-    with pytest.raises(ValueError, match=r"grid 'paper' needs a value for data.path .*"
-                                         r"--config.data.path=VALUE"):
+    with pytest.raises(ValueError, match=r"grid 'paper' needs a value for data.train_store .*"
+                                         r"--config.data.train_store=VALUE"):
         run_sweep(paper_grid, tmp_path / "w", only="ar-7M-U25M-E1")
+    assert not (tmp_path / "w").exists()
+
+
+def test_paper_grid_refuses_until_the_stores_exist_and_hold_u(paper_grid, tmp_path,
+                                                              text_corpus_dir):
+    """Stores missing, then too small for U = 25M: one clear error each, nothing trained."""
+    from dvar_jax.data.corpus import SourceSpec, iter_documents
+    from dvar_jax.data.prepare import prepare_store
+    from dvar_jax.data.tokenizer import open_tokenizer, train_sentencepiece
+
+    stores = {"data.train_store": str(tmp_path / "train"),
+              "data.validation_store": str(tmp_path / "validation")}
+    with pytest.raises(ValueError, match=r"train is not a token store .*dvar prepare"):
+        run_sweep(paper_grid, tmp_path / "w", only="ar-7M-U25M-E1", override_config=stores)
+    source = SourceSpec("text", "all", path=str(text_corpus_dir))
+    (tmp_path / "t.model").write_bytes(train_sentencepiece(iter_documents(source), 400, "bpe"))
+    tokenizer = open_tokenizer(tmp_path / "t.model")
+    for split in ("train", "validation"):
+        prepare_store(source, tokenizer, tmp_path / split, workers=1, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"data.vocab_size=50257; set data.vocab_size=400"):
+        run_sweep(paper_grid, tmp_path / "w", only="ar-7M-U25M-E1", override_config=stores)
+    with pytest.raises(ValueError, match=r"data.unique_tokens=25,000,000 exceeds the [\d,]+ "
+                                         r"tokens of .*train"):
+        run_sweep(paper_grid, tmp_path / "w", only="ar-7M-U25M-E1",
+                  override_config={**stores, "data.vocab_size": 400})
     assert not (tmp_path / "w").exists()
 
 
@@ -365,7 +391,7 @@ BAD = [
     (["sweep", "run", "--grid=small", "--workdir=W", "--emit_commands=maybe"],
      "--emit_commands"),
     (["sweep", "run", "--grid=paper", "--workdir=W", "--only=ar-7M-U25M-E1"],
-     "needs a value for data.path"),
+     "needs a value for data.train_store"),
     (["fit"], "--results is required"),
     (["fit", "--results=/no/such.jsonl"], "--results='/no/such.jsonl': no such file"),
     (["fit", "--results=R", "--bootstrap=lots"], "flag --bootstrap=lots"),

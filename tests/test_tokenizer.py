@@ -4,8 +4,10 @@ import pytest
 import sentencepiece as spm
 
 from dvar_jax.configs.base import get_config
+from dvar_jax.data import pipeline
 from dvar_jax.data import tokenizer as tok_lib
-from dvar_jax.data.corpus import Document, load_corpus
+from dvar_jax.data.corpus import Document, SourceSpec, iter_documents
+from dvar_jax.data.pipeline import open_run_data
 
 ROUND_TRIP = [
     "HAMLET. To be, or not to be: that is the question:\n",
@@ -23,13 +25,17 @@ ROUND_TRIP = [
 
 
 @pytest.fixture(scope="module")
-def corpus(text_data_cfg):
-    return load_corpus(text_data_cfg)
+def corpus(text_data_cfg) -> dict[str, list[Document]]:
+    """The synthetic corpus's documents by split, as the run splits them."""
+    return {split: list(iter_documents(SourceSpec(
+        "text", split, path=text_data_cfg.path,
+        validation_fraction=text_data_cfg.validation_fraction)))
+        for split in ("train", "validation")}
 
 
 @pytest.fixture(scope="module")
-def tokenizer(text_data_cfg, corpus):
-    return tok_lib.load_tokenizer(text_data_cfg, corpus)
+def tokenizer(text_data_cfg):
+    return open_run_data(text_data_cfg).tokenizer
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -38,9 +44,9 @@ def test_round_trip_is_exact(tokenizer, text):
 
 
 def test_round_trip_of_whole_documents(tokenizer, corpus):
-    for doc in corpus.validation:
+    for doc in corpus["validation"]:
         assert tokenizer.decode(tokenizer.encode(doc.text)) == doc.text
-    texts = [d.text for d in corpus.train[:5]]
+    texts = [d.text for d in corpus["train"][:5]]
     assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
 
 
@@ -70,18 +76,20 @@ def test_training_is_byte_identical_on_rerun(tokenizer_type, synthetic_documents
     assert first == second
 
 
-def test_trained_model_is_cached_by_corpus_and_settings(text_data_cfg, corpus, monkeypatch):
-    path = tok_lib.trained_tokenizer_path(text_data_cfg, corpus)
-    assert path.parent.name == "tokenizers" and path.suffix == ".model"
+def test_trained_model_is_cached_by_corpus_and_settings(text_data_cfg, tokenizer, monkeypatch):
+    from dvar_jax.data.corpus import cache_dir
+
+    assert list((cache_dir(text_data_cfg) / "tokenizers").glob("*/dvar_tokenizer.json"))
 
     def no_training(*args):
         raise AssertionError("retrained although cached")
 
-    monkeypatch.setattr(tok_lib, "train_sentencepiece", no_training)
-    assert tok_lib.trained_tokenizer_path(text_data_cfg, corpus) == path
-    other = tok_lib.tokenizer_key(corpus, 500, "unigram")
-    assert other != tok_lib.tokenizer_key(corpus, 400, "unigram")
-    assert other != tok_lib.tokenizer_key(corpus, 500, "bpe")
+    monkeypatch.setattr(pipeline, "train_sentencepiece", no_training)
+    assert open_run_data(text_data_cfg).tokenizer.fingerprint == tokenizer.fingerprint
+    other = tok_lib.sentencepiece_key("corpus", 500, "unigram")
+    assert other != tok_lib.sentencepiece_key("corpus", 400, "unigram")
+    assert other != tok_lib.sentencepiece_key("corpus", 500, "bpe")
+    assert other != tok_lib.sentencepiece_key("another corpus", 500, "unigram")
 
 
 def test_training_sentences_are_lossless_and_bounded():
@@ -95,15 +103,17 @@ def test_training_sentences_are_lossless_and_bounded():
     assert all(c.endswith((" ", "\n")) for c in chunks if "wörd" in c and "é" not in c)
 
 
-def test_user_tokenizer_path(tmp_path, text_data_cfg, corpus, tokenizer):
+def test_user_tokenizer_path(tmp_path, text_data_cfg, tokenizer):
     cfg = get_config().data
+    cfg.source, cfg.path = "text", text_data_cfg.path
+    cfg.validation_fraction = text_data_cfg.validation_fraction
     cfg.tokenizer_path = str(tokenizer.path)
     cfg.cache_dir = str(tmp_path)
-    assert tok_lib.load_tokenizer(cfg, corpus).path == tokenizer.path
+    assert open_run_data(cfg).tokenizer.fingerprint == tokenizer.fingerprint
     assert not (tmp_path / "tokenizers").exists()
     cfg.tokenizer_path = str(tmp_path / "missing.model")
     with pytest.raises(FileNotFoundError, match=r"data.tokenizer_path=.*missing.model"):
-        tok_lib.load_tokenizer(cfg, corpus)
+        open_run_data(cfg)
 
 
 def test_bad_settings_give_clear_errors(corpus):
@@ -112,4 +122,4 @@ def test_bad_settings_give_clear_errors(corpus):
     with pytest.raises(ValueError, match=r"vocab_size=0 must be a positive integer"):
         tok_lib.trainer_options(0, "unigram")
     with pytest.raises(ValueError, match=r"data.vocab_size=100000 on \d+ train documents"):
-        tok_lib.train_sentencepiece(corpus.train, 100_000, "unigram")
+        tok_lib.train_sentencepiece(corpus["train"], 100_000, "unigram")

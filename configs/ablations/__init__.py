@@ -10,8 +10,9 @@ Each module defines `get_grid(cpu: bool = False) -> list[(name, ConfigDict)]`:
 
 Each grid also trains the plain reference runs its figure compares against (plain AR, and the
 diffusion model of the same size and data). `dvar sweep run --grid=ablations/NAME` runs the
-study-scale grid (your corpus at --config.data.path), `--grid=ablations/NAME-cpu` the CPU one
-on the embedded corpus (the shared run: `dvar_jax.configs.recipes.ablation_config`);
+study-scale grid (C4 token stores at --config.data.train_store / validation_store),
+`--grid=ablations/NAME-cpu` the CPU one on the embedded corpus (the shared run:
+`dvar_jax.configs.recipes.ablation_config`);
 `dvar curves --workdir=W` plots validation loss against epochs per run, as the study's
 Figures 7-8.
 """

@@ -14,10 +14,14 @@ Three families of runs, each for both objectives:
   3e19, 1e20 (PAPER.md §4.2), D split into E in {1, 2, 4, 10, 20, 50, 100} epochs over D / E
   unique tokens (E = 1 is the isoFLOP run itself, trained once).
 
-The corpus is yours: `--config.data.path=DIR_OR_JSONL` (the study: English C4 with GPT-2 BPE;
-`--config.data.tokenizer_path` to bring a tokenizer). Until it is given, `dvar sweep run`
-refuses to start; `dvar sweep list` works without it. The isoFLOP runs need up to 40B tokens
-of fresh text; the multi-epoch runs only the first 100M.
+The data: English C4 tokenized with GPT-2's BPE into two token stores by `dvar prepare`
+(README, "Reproduce the study"), given as `--config.data.train_store=...` and
+`--config.data.validation_store=...`. Until both are given, exist, share the runs' tokenizer and
+hold the largest U asked for, `dvar sweep run` refuses to start; `dvar sweep list` works
+without them. U is the first U tokens of the train store (`data.unique_tokens`), so each run's
+U is exactly the U the law is fitted with; the study took the first K = U / 478.6 documents,
+which `--config.data.unique_tokens=0 --config.data.unique_documents=K` reproduces. The isoFLOP
+runs need up to 40B tokens of fresh text; the multi-epoch runs only the first 100M.
 """
 
 from ml_collections import ConfigDict

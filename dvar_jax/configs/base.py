@@ -68,23 +68,35 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     # "shakespeare": the embedded default corpus (DATA.md §1).
     # "text": the user's corpus at data.path (a folder of .txt, or .jsonl with data.text_field).
+    # Both are tokenized into token stores under data.cache_dir on first use.
+    # "store": token stores made by `dvar prepare` (data.train_store, data.validation_store).
     c.data.source = "shakespeare"
     c.data.path = ""
     c.data.text_field = "text"
     # Share of a user corpus's documents held out for validation (whole documents).
     c.data.validation_fraction = 0.1
+    # data.source="store": the stores' folders (local or gs://), from `dvar prepare`.
+    c.data.train_store = ""
+    c.data.validation_store = ""
     # U: the first U tokens of the train stream are all the model ever sees.
     c.data.unique_tokens = 1_000_000
+    # The study's rule instead: U = the tokens of the first K documents (K > 0; then
+    # data.unique_tokens must be 0). Needs data.source="store".
+    c.data.unique_documents = 0
     # E: passes over those U tokens (the learning-rate schedule stretches with E).
     c.data.epochs = 4.0
     c.data.seq_len = 128  # tokens per training sequence (windows of seq_len + 1)
     # Validation tokens used (the first ones of the fixed validation stream); 0 = all.
     c.data.validation_tokens = 0
-    # SentencePiece model to use; "" = train one on the train split (DATA.md §2).
+    # Tokenizer to use: a SentencePiece .model, a tokenizer.json, or a folder with GPT-2's
+    # vocab.json + merges.txt; "" = the store's own, or (shakespeare/text) a SentencePiece
+    # model trained on the train split (DATA.md §2).
     c.data.tokenizer_path = ""
+    # End-of-document id of a byte-level BPE tokenizer; -1 = its <|endoftext|> (GPT-2: 50256).
+    c.data.eod_id = -1
     c.data.vocab_size = 4096  # SentencePiece vocabulary size when training one
     c.data.tokenizer_type = "unigram"  # "unigram" | "bpe"
-    # Where the corpus, tokenizer and token arrays are cached; "" = $DVAR_CACHE or
+    # Where the corpus, tokenizer and implicit token stores are cached; "" = $DVAR_CACHE or
     # ~/.cache/dvar_jax.
     c.data.cache_dir = ""
 

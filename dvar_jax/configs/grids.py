@@ -9,7 +9,7 @@ compute budget C, epochs E). `dvar sweep list --grid=NAME` prints a grid, `dvar 
 trains it; NAME is a shipped grid (`paper`, `small`, `ablations/...`) or a path to any .py
 file with get_grid().
 
-A value the user must supply (the paper grid's corpus) is left as `required(key, what)`, a
+A value the user must supply (the paper grid's token stores) is left as `required(key, what)`, a
 string the sweep runner refuses to start with, naming the `--config.KEY=VALUE` to pass.
 """
 

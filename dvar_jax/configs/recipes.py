@@ -25,10 +25,12 @@ def study_config(objective: str, size: str, unique_tokens: int, epochs: float) -
     c.objective = objective
     c.model.name = size
     c.model.dtype = "bfloat16"  # bf16 mixed precision; parameters and optimizer stay float32
-    c.data.source = "text"
-    c.data.path = required("data.path", "your corpus: a folder of .txt or a .jsonl file")
+    # Stores made by `dvar prepare` from C4 with GPT-2's BPE (README, "Reproduce the study").
+    c.data.source = "store"
+    c.data.train_store = required("data.train_store", "the C4 train store from dvar prepare")
+    c.data.validation_store = required("data.validation_store",
+                                       "the C4 validation store from dvar prepare")
     c.data.vocab_size = STUDY_VOCAB
-    c.data.tokenizer_type = "bpe"
     c.data.seq_len = STUDY_SEQ_LEN
     c.data.unique_tokens = unique_tokens
     c.data.epochs = float(epochs)

@@ -1,23 +1,28 @@
-"""Data layer: corpus -> tokenizer -> token streams -> training batches."""
+"""Data layer: source -> tokenizer -> token store -> windows -> training batches."""
 
-from dvar_jax.data.corpus import Corpus, Document, cache_dir, load_corpus
+from dvar_jax.data.corpus import Document, SourceSpec, cache_dir, iter_documents
 from dvar_jax.data.pipeline import (
-    TokenStreams,
+    RunData,
     TrainBatches,
-    load_token_streams,
+    open_run_data,
     validation_windows,
 )
-from dvar_jax.data.tokenizer import Tokenizer, load_tokenizer
+from dvar_jax.data.prepare import prepare_store
+from dvar_jax.data.store import StoreError, TokenStore
+from dvar_jax.data.tokenizer import Tokenizer, open_tokenizer
 
 __all__ = [
-    "Corpus",
     "Document",
-    "TokenStreams",
+    "RunData",
+    "SourceSpec",
+    "StoreError",
+    "TokenStore",
     "Tokenizer",
     "TrainBatches",
     "cache_dir",
-    "load_corpus",
-    "load_token_streams",
-    "load_tokenizer",
+    "iter_documents",
+    "open_run_data",
+    "open_tokenizer",
+    "prepare_store",
     "validation_windows",
 ]

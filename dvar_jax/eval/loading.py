@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from dvar_jax.checkpoint import restore_params
 from dvar_jax.config import transformer_config, validate_config
-from dvar_jax.data.pipeline import TokenStreams, load_token_streams
+from dvar_jax.data.pipeline import RunData, open_run_data
 from dvar_jax.model.transformer import Transformer
 from dvar_jax.objectives import Objective, objective_from_config
 from dvar_jax.run_dir import RunDir
@@ -23,16 +23,16 @@ class LoadedRun:
     cfg: ConfigDict
     objective: Objective
     model: Transformer
-    streams: TokenStreams  # tokenizer and the train / validation token streams of the run
+    data: RunData  # the run's tokenizer and its train / validation token stores
     step: int
 
     @property
     def tokenizer(self):
-        return self.streams.tokenizer
+        return self.data.tokenizer
 
     @property
     def mask_id(self) -> int:
-        return self.streams.tokenizer.vocab_size
+        return self.data.tokenizer.vocab_size
 
 
 def saved_config(workdir: Path) -> ConfigDict:
@@ -52,11 +52,11 @@ def load_run(workdir: str | Path, checkpoint: str = "best", **model_overrides) -
     run = RunDir(workdir)
     cfg = saved_config(run.root)
     step = run.choose_checkpoint(checkpoint)
-    streams = load_token_streams(cfg.data)
+    data = open_run_data(cfg.data)
     objective = objective_from_config(cfg)
-    model_cfg = transformer_config(cfg, streams.tokenizer.vocab_size, objective)
+    model_cfg = transformer_config(cfg, data.tokenizer.vocab_size, objective)
     model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     graphdef, abstract = abstract_params(model_cfg)
     params = restore_params(run.checkpoint_state_dir(step), abstract, jax.devices()[0])
     model = nnx.merge(graphdef, params)
-    return LoadedRun(run.root, cfg, objective, model, streams, step)
+    return LoadedRun(run.root, cfg, objective, model, data, step)

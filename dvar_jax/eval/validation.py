@@ -68,7 +68,7 @@ def evaluate_validation(run: LoadedRun, *, num_mc: int, batch_size: int, seed: i
     """Validation loss of `run` on its validation stream's first `validation_tokens` tokens
     (0 = all): per token (nats and bits), per byte, and the Monte-Carlo standard error."""
     seq = run.cfg.data.seq_len
-    windows = validation_windows(run.streams.validation, seq, validation_tokens)
+    windows = validation_windows(run.data.validation, seq, validation_tokens)
     graphdef, params = nnx.split(run.model)
     num_draws = 1 if run.objective.exact else num_mc
     eval_fn = partial(_draws, graphdef, run.objective.validation_draws, params,
