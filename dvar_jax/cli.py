@@ -203,8 +203,11 @@ def _run_prepare(fv: flags.FlagValues) -> int:
     from dvar_jax.data.corpus import SOURCE_KINDS, SourceSpec, check_source
     from dvar_jax.data.prepare import check_arguments
 
+    if fv.source == "megatron":
+        return _import_megatron(fv)
     if fv.source not in SOURCE_KINDS:
-        raise UsageError(f"--source={fv.source!r}; allowed: {', '.join(SOURCE_KINDS)}")
+        raise UsageError(f"--source={fv.source!r}; allowed: {', '.join(SOURCE_KINDS)}, "
+                         "megatron")
     split = fv.split or _DEFAULT_SPLIT.get(fv.source) or (
         "all" if fv.validation_fraction == 0 else "")
     if not split:
@@ -218,6 +221,28 @@ def _run_prepare(fv: flags.FlagValues) -> int:
     check_source(source)
     with contextlib.ExitStack() as stack:
         return _prepare_with(fv, source, stack)
+
+
+def _prepare_command(fv: flags.FlagValues) -> str:
+    """The `dvar prepare` line as given, recorded in the store so damage can name its repair."""
+    given = [name for name, _, _ in SUBCOMMANDS["prepare"].options if fv[name].present]
+    return shlex.join(["dvar", "prepare", *(f"--{n}={fv[n].value}" for n in given)])
+
+
+def _import_megatron(fv: flags.FlagValues) -> int:
+    from dvar_jax.data.megatron import import_megatron
+    from dvar_jax.data.prepare import check_arguments
+    from dvar_jax.data.tokenizer import open_tokenizer
+
+    if not (fv.path and fv.tokenizer):
+        raise UsageError("--source=megatron needs --path=PREFIX (of PREFIX.bin + PREFIX.idx) and "
+                         "--tokenizer (the one the data was made with)")
+    check_arguments(fv.out, fv.workers, fv.shard_chars)
+    manifest = import_megatron(fv.path, open_tokenizer(fv.tokenizer, fv.eod_id), fv.out,
+                               command=_prepare_command(fv))
+    print(f"{fv.out}: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents "
+          f"(from {fv.path})")
+    return 0
 
 
 def _prepare_with(fv: flags.FlagValues, source, stack: contextlib.ExitStack) -> int:
@@ -239,10 +264,8 @@ def _prepare_with(fv: flags.FlagValues, source, stack: contextlib.ExitStack) -> 
         model.write_bytes(train_sentencepiece(iter_documents(source), fv.vocab_size,
                                               fv.tokenizer_type))
         tokenizer = open_tokenizer(str(model))
-    given = [name for name, _, _ in SUBCOMMANDS["prepare"].options if fv[name].present]
-    command = shlex.join(["dvar", "prepare", *(f"--{n}={fv[n].value}" for n in given)])
     manifest = prepare_store(source, tokenizer, fv.out, workers=fv.workers,
-                             shard_chars=fv.shard_chars, command=command)
+                             shard_chars=fv.shard_chars, command=_prepare_command(fv))
     print(f"{fv.out}: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
           f"{len(manifest['shards'])} shards; {tokenizer.description}")
     return 0
@@ -450,11 +473,13 @@ SUBCOMMANDS = {
         "or a prepared TFDS dataset) into a sharded token store that training reads.", None,
         _run_prepare,
         (("source", None, "shakespeare, text (a folder, file or glob of .txt / .jsonl / "
-                          ".jsonl.gz / .json.gz) or tfds (a prepared TFDS dataset)"),
+                          ".jsonl.gz / .json.gz), tfds (a prepared TFDS dataset), or megatron "
+                          "(an already tokenized PREFIX.bin + PREFIX.idx, e.g. the study's)"),
          ("out", None, "the store's folder (local); an unfinished one is resumed"),
          ("split", "", "shakespeare: train|validation; text: all|train|validation (the hash "
                        "split by --validation_fraction); tfds: a split, e.g. validation"),
-         ("path", "", "text: folder, file or glob, e.g. 'c4/en/c4-train.*-of-01024.json.gz'"),
+         ("path", "", "text: folder, file or glob, e.g. 'c4/en/c4-train.*-of-01024.json.gz'; "
+                      "megatron: PREFIX"),
          ("text_field", "text", "the JSON / TFDS field holding the text"),
          ("validation_fraction", 0.0, "text: share of documents (by name hash) in validation"),
          ("tfds_name", "", "tfds: the dataset, e.g. c4/en:3.1.0 (never downloaded)"),

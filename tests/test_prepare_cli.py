@@ -72,7 +72,8 @@ def test_wrong_arguments(stores, tmp_path, capsys, text_corpus_dir):
     tokenizer = f"--tokenizer={stores['train'] / 'tokenizer'}"
     text = ["--source=text", f"--path={text_corpus_dir}", tokenizer, "--workers=1"]
     cases = [
-        (["--source=web", f"--out={out}"], "--source='web'; allowed: shakespeare, text, tfds"),
+        (["--source=web", f"--out={out}"],
+         "--source='web'; allowed: shakespeare, text, tfds, megatron"),
         (["--source=text"], "--out is required"),
         ([*text, "--out=gs://bucket/store"], "writes a local folder"),
         ([*text, "--validation_fraction=0.1", f"--out={out}"], "choose --split=train or"),
@@ -110,3 +111,63 @@ def test_out_of_another_source_is_refused(stores, tmp_path, capsys):
                   capsys)
     assert "holds a store of another source" in line
     assert sorted(p.name for p in stores["train"].rglob("*")) == before
+
+
+def _megatron_pair(prefix: Path, documents: list[list[int]], sentences_of_first: int = 1) -> None:
+    """A Megatron indexed dataset written with struct alone (the format's independent
+    reference): uint16 tokens, the first document split into `sentences_of_first` sequences, as
+    Megatron's sentence splitting does."""
+    import struct
+
+    sequences = []
+    for d, doc in enumerate(documents):
+        if d == 0 and sentences_of_first > 1:
+            cut = len(doc) // sentences_of_first
+            sequences += [doc[:cut], doc[cut:]]
+        else:
+            sequences.append(doc)
+    doc_idx = [0]
+    for d, _ in enumerate(documents):
+        doc_idx.append(doc_idx[-1] + (sentences_of_first if d == 0 else 1))
+    prefix.with_suffix(".bin").write_bytes(b"".join(struct.pack(f"<{len(s)}H", *s)
+                                                    for s in sequences))
+    pointers, offset = [], 0
+    for seq in sequences:
+        pointers.append(offset)
+        offset += 2 * len(seq)
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(sequences), len(doc_idx))
+           + struct.pack(f"<{len(sequences)}i", *map(len, sequences))
+           + struct.pack(f"<{len(sequences)}q", *pointers)
+           + struct.pack(f"<{len(doc_idx)}q", *doc_idx))
+    prefix.with_suffix(".idx").write_bytes(idx)
+
+
+def test_megatron_data_is_read_as_a_store(stores, tmp_path, capsys):
+    """The study's released format: PREFIX.bin/.idx become a store without re-tokenizing."""
+    from dvar_jax.data.tokenizer import load_saved_tokenizer
+
+    tokenizer = load_saved_tokenizer(stores["train"] / "tokenizer")
+    texts = ["first document, in two sentences. Here.", "second", "third one\n"]
+    documents = [[*tokenizer.encode(t), tokenizer.eod_id] for t in texts]
+    _megatron_pair(tmp_path / "c4_text_document", documents, sentences_of_first=2)
+    tok = f"--tokenizer={stores['train'] / 'tokenizer'}"
+    assert main(["dvar", "prepare", "--source=megatron", f"--path={tmp_path / 'c4_text_document'}",
+                 tok, f"--out={tmp_path / 'store'}"]) == 0
+    store = TokenStore(tmp_path / "store")
+    assert store.num_documents == 3 and store.num_tokens == sum(map(len, documents))
+    assert [tokenizer.decode(d[:-1].tolist()) for d in store.documents()] == texts
+    assert store.tokens_in_documents(1) == len(documents[0])
+    assert store.tokenizer_fingerprint == tokenizer.fingerprint
+    # Wrong arguments: one line each, nothing written.
+    _megatron_pair(tmp_path / "big", [[0, 1, 5000, 1]])
+    _megatron_pair(tmp_path / "cut", documents)
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "cut.bin").read_bytes()[:-2])
+    for argv, message in [
+        ([f"--path={tmp_path / 'nothing'}", tok], "nothing.bin does not exist"),
+        ([f"--path={tmp_path / 'c4_text_document'}"], "--source=megatron needs --path=PREFIX"),
+        ([f"--path={tmp_path / 'big'}", tok], "holds id 5000 (near token 0), beyond the 400 ids"),
+        ([f"--path={tmp_path / 'cut'}", tok], "cut.idx promises"),
+    ]:
+        line = _error(["--source=megatron", *argv, f"--out={tmp_path / 'bad'}"], capsys)
+        assert message in line, line
+        assert not (tmp_path / "bad").exists()

@@ -143,9 +143,14 @@ def _worker_write(out: str, index: int, texts: list[str], text_hash: str, dtype:
 
 
 def _header(source: SourceSpec, tokenizer: Tokenizer, shard_chars: int) -> dict[str, Any]:
+    return store_header(source_identity(source), tokenizer, shard_chars)
+
+
+def store_header(source: dict[str, Any], tokenizer: Tokenizer, shard_chars: int) -> dict[str, Any]:
+    """store.json: what a store holds (its source's identity, its tokenizer, token dtype)."""
     return {
         "format": STORE_FORMAT,
-        "source": source_identity(source),
+        "source": source,
         "tokenizer": {"fingerprint": tokenizer.fingerprint,
                       "description": tokenizer.description,
                       "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id},
@@ -154,7 +159,7 @@ def _header(source: SourceSpec, tokenizer: Tokenizer, shard_chars: int) -> dict[
     }
 
 
-def _check_out(out: Path, header: dict[str, Any]) -> None:
+def check_out(out: Path, header: dict[str, Any]) -> None:
     """Refuses an --out that holds something other than this store (never overwrites it)."""
     if not out.exists():
         return
@@ -210,7 +215,7 @@ def prepare_store(source: SourceSpec, tokenizer: Tokenizer, out: str | os.PathLi
     out, workers = check_arguments(out, workers, shard_chars)
     check_source(source)
     header = _header(source, tokenizer, shard_chars)
-    _check_out(out, header)
+    check_out(out, header)
     manifest = read_json(out / MANIFEST_FILE)
     dtype = np.dtype(header["dtype"])
     if manifest is not None and all(
@@ -275,7 +280,7 @@ def _write_store(source: SourceSpec, tokenizer: Tokenizer, out: Path, header: di
     if not records:
         raise StoreError(f"source {_brief(header['source'])} yielded no documents")
     _remove_stale_shards(out, len(records))
-    manifest = _manifest(header, [records[i] for i in range(len(records))], command)
+    manifest = build_manifest(header, [records[i] for i in range(len(records))], command)
     write_json(out / MANIFEST_FILE, manifest)
     seconds = time.monotonic() - started
     log(f"store {out}: {manifest['tokens']:,} tokens, {manifest['documents']:,} documents in "
@@ -299,7 +304,9 @@ def _remove_stale_shards(out: Path, count: int) -> None:
             path.unlink()
 
 
-def _manifest(header: dict[str, Any], records: list[dict], command: str) -> dict[str, Any]:
+def build_manifest(header: dict[str, Any], records: list[dict], command: str) -> dict[str, Any]:
+    """manifest.json: the header, every shard's record with cumulative offsets, the totals and
+    the content fingerprint (the shards' bytes and the tokenizer)."""
     h = hashlib.sha256()
     for record in records:
         h.update(bytes.fromhex(record["bin_sha256"]))
