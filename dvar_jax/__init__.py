@@ -1,0 +1,61 @@
+"""dvar-jax: diffusion vs autoregression when data, not compute, is the bottleneck.
+
+Importing the package sets two process defaults before JAX or TensorFlow start, so that no
+entry point (the `dvar` command, the lm-eval adapter, a notebook) greets a user with the
+start-up errors of accelerators this machine does not have. Each is only a default: an
+environment variable the user set wins.
+"""
+
+import glob
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+
+def _machine_has_tpu() -> bool:
+    """TPU VMs expose their chips as /dev/accel* (v2-v5e) or VFIO groups (v5p, v6e)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or os.environ.get("TPU_ACCELERATOR_TYPE"))
+
+
+def _quiet_start_up() -> None:
+    # TensorFlow (imported by seqio and tfds) prints CUDA and oneDNN notices that say nothing
+    # about this program.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # libtpu (the `tpu` extra, installed for `dvar plan-memory`'s ahead-of-time compiles) makes
+    # JAX try a TPU backend at start, which on a machine without one prints initialisation
+    # errors ("Failed to find host bounds ...") before falling back. Without a TPU, JAX is told
+    # which platforms exist; compiling for a TPU topology still loads libtpu when asked.
+    if ("JAX_PLATFORMS" in os.environ or "jax" in sys.modules or _machine_has_tpu()
+            or importlib.util.find_spec("libtpu") is None):
+        return
+    has_cuda = (glob.glob("/dev/nvidia[0-9]*")
+                and any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin",
+                                                               "jax_cuda13_plugin")))
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if has_cuda else "cpu"
+
+
+def import_quietly(name: str) -> ModuleType:
+    """`importlib.import_module(name)` for a module that loads TensorFlow (seqio, tfds).
+
+    TensorFlow 2.21 prints INFO lines about CUDA drivers and oneDNN from C++ while it loads,
+    before its logging honours TF_CPP_MIN_LOG_LEVEL: while it loads, the process's stderr goes
+    to /dev/null. Python exceptions still raise; TF_CPP_MIN_LOG_LEVEL=0 keeps the lines.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return importlib.import_module(name)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        return importlib.import_module(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_quiet_start_up()

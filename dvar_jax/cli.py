@@ -7,15 +7,10 @@ value is a clear error (exit status 2) before anything runs.
 
 import contextlib
 import dataclasses
-import os
 import re
 import shlex
 import sys
 import tempfile
-
-# TensorFlow (imported by seqio and tfds) prints CUDA and oneDNN start-up notices that say
-# nothing about this program; keep them out of the user's terminal unless asked for.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable
 from pathlib import Path
 
@@ -361,7 +356,8 @@ def _run_sweep_run(fv: flags.FlagValues) -> int:
         return 0
     print(f"sweep {grid.label}: {len(result.trained)} trained, {len(result.skipped)} already "
           f"done, {len(result.recorded)} records appended, {len(result.failed)} failed"
-          + (f" ({', '.join(result.failed)})" if result.failed else ""))
+          + (f" ({', '.join(result.failed)})" if result.failed else "")
+          + (f", {len(result.busy)} held by other workers" if result.busy else ""))
     return 1 if result.failed else 0
 
 

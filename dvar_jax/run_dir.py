@@ -7,6 +7,7 @@
       checkpoints/<step>/   orbax checkpoints (`dvar_jax.checkpoint`)
       summary.json          written once the run has completed
       eval.jsonl            one record per `dvar eval`
+      run.lock              held (flock) by the one process training the run: host, pid
 
 A sweep folder holds one run folder per run name and `results.jsonl`; a demo folder one run
 folder per objective, `report.md`, `curves.png` and `summary.json`. Every path of a run
@@ -15,10 +16,14 @@ summary, which checkpoint is best) asks here: a run folder somewhere else than a
 changes this module and the writers, not their callers.
 """
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,11 @@ CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
 EVALS_FILE = "eval.jsonl"
 RESULTS_FILE = "results.jsonl"  # in a sweep folder
+LOCK_FILE = "run.lock"
+
+
+class RunBusyError(OSError):
+    """Another live process is training this run folder; the message names its host and id."""
 
 # The config keys whose change changes the run (model, objective, data, optimisation, seed);
 # mesh, logging, evaluation and checkpoint cadence may change between restarts.
@@ -207,6 +217,58 @@ class RunDir:
 
     # -- writability -------------------------------------------------------------------------
 
+    # -- one writer --------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def _busy(self, holder: dict[str, Any]) -> RunBusyError:
+        who = (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
+               f"{holder.get('since', '?')})") if holder else "another process"
+        return RunBusyError(f"{self._flag()} is being trained by {who}; wait for it to finish "
+                            "or stop it, or use another workdir")
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Holds the run folder for this process while training it (creating the folder), or
+        raises RunBusyError naming the live process that holds it. An flock: the kernel drops
+        it when its holder exits or is killed, so no lock outlives its process."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(_read_holder(fd)) from None
+            me = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def holder(self) -> dict[str, Any] | None:
+        """{host, pid, since} of the live process training this run, or None when none does
+        (a probe: it takes and drops the lock, creating nothing)."""
+        if not self.lock_path.exists():
+            return None
+        fd = os.open(self.lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        finally:
+            os.close(fd)
+        return None
+
+    def check_not_held(self) -> None:
+        """RunBusyError naming the live process training this run, if one is."""
+        holder = self.holder()
+        if holder is not None:
+            raise self._busy(holder)
+
     def check_writable(self) -> None:
         """ValueError unless the folder is one this process can write, or can be created in
         one (the nearest existing parent). Creates nothing."""
@@ -228,6 +290,14 @@ class RunDir:
                     f"{self._flag()} is not writable ({folder}: "
                     f"{e.strerror or type(e).__name__}); nothing was changed. Make it "
                     "writable, or give a folder you can write to") from None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the holder of a lock file wrote about itself (empty if it has not yet)."""
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except ValueError:
+        return {}
 
 
 def _probe_write(folder: Path) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from dvar_jax.configs.grids import run_name, unset_required
 from dvar_jax.objectives import objective_from_config
 from dvar_jax.results import append_once, recorded_names
-from dvar_jax.run_dir import RunDir, sweep_results_path
+from dvar_jax.run_dir import RunBusyError, RunDir, sweep_results_path
 
 ABLATIONS_PREFIX = "ablations/"
 CPU_SUFFIX = "-cpu"
@@ -352,6 +352,7 @@ class SweepResult:
     skipped: list[str]  # already done and recorded
     recorded: list[str]  # records appended by this call
     failed: list[str]  # stopped by a non-finite loss; the sweep went on
+    busy: list[str] = field(default_factory=list)  # trained by another live process: left to it
     preempted: str | None = None  # the run SIGTERM stopped (saved); the sweep stopped there
     commands: list[str] | None = None  # --emit-commands: one line per run not done
 
@@ -434,12 +435,22 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
             log(f"{step}: done, skipped")
             continue
         if summary is None:
+            holder = RunDir(run_dir).holder()
+            if holder is not None:  # another worker of the sweep trains it and records it
+                out.busy.append(name)
+                log(f"{step}: held by process {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}, skipped")
+                continue
             log(f"{step}: {'resuming' if RunDir(run_dir).checkpoints_dir.is_dir() else 'training'}")
             try:
                 s = train(cfg, run_dir, progress=progress)
             except NonFiniteError as e:
                 out.failed.append(name)
                 log(f"{step}: failed: {e}")
+                continue
+            except RunBusyError as e:  # taken by another worker since the check above
+                out.busy.append(name)
+                log(f"{step}: skipped: {e}")
                 continue
             except ValueError as e:
                 raise ValueError(f"run {name}: {e}") from e

@@ -88,8 +88,9 @@ def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None,
     _check_batches_divide(cfg, mesh)
     run = RunDir(workdir)
     _check_run_dir(run, cfg, override)
-    with activation_sharding(mesh, rules), _sigterm_flag() as preempted:
-        return _Loop(cfg, run, mesh, rules, progress, preempted).run()
+    with contextlib.ExitStack() as held, activation_sharding(mesh, rules), \
+            _sigterm_flag() as preempted:
+        return _Loop(cfg, run, mesh, rules, progress, preempted, held).run()
 
 
 def _check_batches_divide(cfg: ConfigDict, mesh: Mesh) -> None:
@@ -105,6 +106,7 @@ def _check_run_dir(run: RunDir, cfg: ConfigDict, override: bool) -> None:
     """Every check of the run folder, before any work, writing nothing: a refused run leaves
     the folder as it found it (config.json is written once the checkpoint has restored)."""
     run.check_writable()
+    run.check_not_held()  # early, so a busy run is refused before its data loads
     differences = run.config_differences(cfg)
     if differences and not override:
         raise CheckpointError(
@@ -165,7 +167,7 @@ class _Loop:
     sequence of named steps (log, evaluate, save, preempt)."""
 
     def __init__(self, cfg: ConfigDict, run: RunDir, mesh: Mesh, rules: LogicalRules,
-                 progress: bool | None, preempted: list[bool]):
+                 progress: bool | None, preempted: list[bool], held: contextlib.ExitStack):
         self.cfg, self.run_dir, self.preempted = cfg, run, preempted
         data = open_run_data(cfg.data)
         self.batches = TrainBatches.from_config(cfg, data.train)
@@ -197,6 +199,10 @@ class _Loop:
             progress = sys.stderr.isatty()
         self.show_progress = progress
 
+        # One writer per run: process 0 holds the folder until the loop ends. Taken only now,
+        # just before the folder is first written, so a run refused earlier creates nothing.
+        if jax.process_index() == 0:
+            held.enter_context(run.hold())
         self.checkpoints = Checkpoints(run.root, cfg.checkpoint.keep)
         # pending: (step, metrics) of the steps not yet logged; saved with each checkpoint so a
         # resumed run logs exactly what an uninterrupted one would.

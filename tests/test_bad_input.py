@@ -34,9 +34,10 @@ TINY = ["--config.data.source=text", "--config.data.vocab_size=400",
 
 
 def _digest(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under root."""
+    """relative path -> sha256 of every file under root, but run.lock: a refused run may hold
+    the folder for a moment, which writes its host and pid there."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.lock"}
 
 
 def _error_line(argv: list[str], capsys) -> str:

@@ -189,6 +189,37 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(reference, corpus, env, 
     assert _final_params_hash(tmp_path) == _final_params_hash(reference)
 
 
+def test_a_second_train_on_a_busy_run_is_refused_naming_the_holder(reference, corpus, env,
+                                                                  tmp_path):
+    """Two `dvar train` on one workdir: the second exits 2 naming the first's host and pid,
+    writes nothing, and the first's run is exactly an uninterrupted one (no duplicate logs)."""
+    import socket
+
+    first = _start(tmp_path, corpus, env)
+    path = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (path.exists() and _records_safe(path)):
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        assert time.time() < deadline, "timed out waiting for the first run"
+        time.sleep(0.05)
+    before = path.read_text()
+    rc, _, err = _run(tmp_path, corpus, env)
+    assert rc == 2, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert (f"is being trained by process {first.pid} on host {socket.gethostname()}"
+            in line), line
+    assert path.read_text().startswith(before)  # the second wrote nothing of its own
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    keys = [(r["kind"], r["step"]) for r in _records(tmp_path)]
+    assert len(keys) == len(set(keys))
+    assert _losses(tmp_path) == _losses(reference)
+    # The lock died with its process: the folder is free again.
+    from dvar_jax.run_dir import RunDir
+
+    assert RunDir(tmp_path).holder() is None
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes(reference, corpus, env, tmp_path):
     proc = _start(tmp_path, corpus, env)

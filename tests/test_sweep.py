@@ -2,6 +2,7 @@
 and `dvar plan` command lines."""
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -192,6 +193,25 @@ def micro_grid(text_data_cfg):
             ("ar-E2", micro_config(text_data_cfg, "ar", 2)),
             ("diffusion-E1", micro_config(text_data_cfg, "diffusion", 1)))
     return Grid("micro", "micro", runs)
+
+
+def test_a_run_another_worker_holds_is_skipped_and_left_to_it(micro_grid, tmp_path):
+    """A sweep worker leaves alone a run that another live process trains (its lock), and
+    records nothing for it; the held run is also refused to `train` directly."""
+    from dvar_jax.run_dir import RunBusyError, RunDir
+    from dvar_jax.train import train
+
+    workdir = tmp_path / "sweep"
+    only = ["ar-E1"]
+    lines = []
+    with RunDir(workdir / "ar-E1").hold():
+        r = run_sweep(micro_grid, workdir, only=only, log=lines.append)
+        assert r.busy == ["ar-E1"] and not r.trained and not r.recorded
+        assert f"held by process {os.getpid()} on host" in lines[-1]
+        with pytest.raises(RunBusyError, match=rf"is being trained by process {os.getpid()}"):
+            train(micro_grid.runs[0][1], workdir / "ar-E1")
+    assert not (workdir / "results.jsonl").exists()
+    assert sorted(p.name for p in (workdir / "ar-E1").iterdir()) == ["run.lock"]
 
 
 @contextmanager

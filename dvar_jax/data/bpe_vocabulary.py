@@ -5,17 +5,15 @@ seqio), so only code that needs the seqio interface imports this module.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-# seqio imports TensorFlow, whose C++ start-up chatter says nothing about this program.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import seqio
-import tensorflow as tf
-
+from dvar_jax import import_quietly
 from dvar_jax.data.bpe import ByteLevelBPE
+
+seqio = import_quietly("seqio")  # and TensorFlow, whose start-up lines say nothing of ours
+tf = import_quietly("tensorflow")
 
 
 class ByteLevelBPEVocabulary(seqio.Vocabulary):

@@ -534,12 +534,10 @@ _TFDS_BATCH = 256
 
 
 def _import_tfds():
-    # Quiet TF's C++ logs as tokenizer.py does; imported only for tfds sources (it takes
-    # seconds and pulls in TensorFlow).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
+    """tensorflow_datasets, imported late (it takes seconds and loads TensorFlow), quietly."""
+    from dvar_jax import import_quietly
 
-    return tfds
+    return import_quietly("tensorflow_datasets")
 
 
 def _first_line(error: Exception) -> str:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dvar_jax import import_quietly
 from dvar_jax.data.corpus import Document
 from dvar_jax.files import write_atomically
 
@@ -305,12 +305,8 @@ class Tokenizer:
         """The `seqio.Vocabulary` every encode and decode goes through (made on first use:
         seqio imports TensorFlow)."""
         if self._vocab is None:
-            # TensorFlow's C++ start-up chatter about CUDA and oneDNN says nothing about this
-            # program: keep it quiet unless asked for.
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             if self.kind == "sentencepiece":
-                import seqio
-
+                seqio = import_quietly("seqio")  # loads TensorFlow
                 self._vocab = seqio.SentencePieceVocabulary(str(self.path))
             else:
                 from dvar_jax.data.bpe_vocabulary import ByteLevelBPEVocabulary

@@ -232,11 +232,10 @@ def read_jsonl(task: str, tasks_dir: str | os.PathLike | None) -> list[dict]:
 
 
 def _import_tfds():
-    """tensorflow_datasets (imported late: it pulls in TensorFlow), quiet at start-up."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
+    """tensorflow_datasets, imported late (it takes seconds and loads TensorFlow), quietly."""
+    from dvar_jax import import_quietly
 
-    return tfds
+    return import_quietly("tensorflow_datasets")
 
 
 def _py(x: Any) -> Any:
