@@ -6,18 +6,30 @@ well under a second with a message naming the key, the value, and what is allowe
 
 import dataclasses
 
+import jax
 from ml_collections import ConfigDict
 
 from dvar_jax.configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.output import LOSS_IMPLS
-from dvar_jax.model.transformer import DTYPES, TransformerConfig, padded_vocab_size
+from dvar_jax.model.transformer import (
+    DTYPES,
+    REMAT_POLICIES,
+    TransformerConfig,
+    padded_vocab_size,
+)
 from dvar_jax.objectives import Objective, config_problems, objective_from_config
 from dvar_jax.sharding import distributed_problems, mesh_size_problems, rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
 DATA_SOURCES = ("shakespeare", "text", "store")
 TOKENIZER_TYPES = ("unigram", "bpe")
+# model.attention_impl, loss_impl and dtype may be "auto": chosen for the devices that run the
+# model (`hardware_choices`), so one config suits a laptop and a TPU pod.
+AUTO = "auto"
+# From this many vocabulary rows, auto picks the chunked loss off TPU: the [batch, seq, vocab]
+# float32 logits of the xla path (GPT-2: 50304 rows) dominate activation memory.
+CHUNKED_LOSS_MIN_VOCAB = 16_384
 
 
 def _divisors_near(n: int, target: int) -> str:
@@ -78,22 +90,27 @@ def validate_config(cfg: ConfigDict) -> None:
         problems.append(str(e))
     for k in ("attention_dropout", "hidden_dropout"):
         check(0.0 <= cfg.model[k] < 1.0, f"model.{k}={cfg.model[k]}: must be in [0, 1)")
-    check(cfg.model.attention_impl in ATTENTION_IMPLS,
+    check(cfg.model.attention_impl in (AUTO, *ATTENTION_IMPLS),
           f"model.attention_impl={cfg.model.attention_impl!r}: allowed "
-          f"{', '.join(ATTENTION_IMPLS)}")
-    check(cfg.model.attention_impl == "xla" or cfg.model.attention_dropout == 0.0,
+          f"{', '.join((AUTO, *ATTENTION_IMPLS))}")
+    check(cfg.model.attention_impl not in ("pallas", "splash")
+          or cfg.model.attention_dropout == 0.0,
           f"model.attention_dropout={cfg.model.attention_dropout}: must be 0 with "
-          f"model.attention_impl={cfg.model.attention_impl!r} (dropout needs 'xla')")
+          f"model.attention_impl={cfg.model.attention_impl!r} (dropout needs 'xla' or 'auto')")
     check(cfg.model.attention_impl != "splash" or cfg.data.seq_len % 128 == 0,
           f"data.seq_len={cfg.data.seq_len}: model.attention_impl='splash' needs a multiple of "
           "128 (or use 'pallas', which pads)")
-    check(cfg.model.loss_impl in LOSS_IMPLS,
-          f"model.loss_impl={cfg.model.loss_impl!r}: allowed {', '.join(LOSS_IMPLS)}")
+    check(cfg.model.loss_impl in (AUTO, *LOSS_IMPLS),
+          f"model.loss_impl={cfg.model.loss_impl!r}: allowed {', '.join((AUTO, *LOSS_IMPLS))}")
+    check(cfg.model.remat in REMAT_POLICIES,
+          f"model.remat={cfg.model.remat!r}: allowed {', '.join(REMAT_POLICIES)}")
+    check(isinstance(cfg.model.scan_layers, bool),
+          f"model.scan_layers={cfg.model.scan_layers!r}: must be True or False")
     for k in ("attention_block_q", "attention_block_k", "loss_block_t", "loss_block_v"):
         check(cfg.model[k] > 0 and cfg.model[k] % 8 == 0,
               f"model.{k}={cfg.model[k]}: must be a positive multiple of 8")
-    check(cfg.model.dtype in DTYPES,
-          f"model.dtype={cfg.model.dtype!r}: allowed {', '.join(DTYPES)}")
+    check(cfg.model.dtype in (AUTO, *DTYPES),
+          f"model.dtype={cfg.model.dtype!r}: allowed {', '.join((AUTO, *DTYPES))}")
 
     d = cfg.data
     check(d.source in DATA_SOURCES, f"data.source={d.source!r}: allowed {', '.join(DATA_SOURCES)}")
@@ -123,6 +140,9 @@ def validate_config(cfg: ConfigDict) -> None:
 
     t = cfg.train
     check(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    check(t.microbatches >= 1 and t.batch_size % t.microbatches == 0,
+          f"train.microbatches={t.microbatches}: must be >= 1 and divide train.batch_size="
+          f"{t.batch_size}")
     check(t.peak_lr > 0, f"train.peak_lr={t.peak_lr}: must be > 0")
     check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
     check(0.0 <= t.warmup_fraction < 1.0,
@@ -160,17 +180,46 @@ def validate_config(cfg: ConfigDict) -> None:
 _DERIVED_MODEL_FIELDS = ("vocab_size", "causal", "diffusion_block", "target_positions", *DIMS)
 
 
+def hardware_choices(cfg: ConfigDict, platform: str, vocab_rows: int,
+                     objective: Objective) -> dict[str, str]:
+    """attention_impl, loss_impl and dtype of the model, with "auto" chosen for `platform`
+    ("tpu", "gpu" or "cpu": where the model runs, not where this process compiles).
+
+    attention: splash on TPU when nothing needs the dense path (attention dropout 0, no token
+    masking, no block-diffusion mask, seq_len a multiple of 128), else xla. loss: the fused
+    pallas kernel on TPU; elsewhere chunked from CHUNKED_LOSS_MIN_VOCAB rows, else xla. dtype:
+    float32 on CPU (no native bfloat16 matmul), else bfloat16. Explicit values are kept.
+    """
+    m, tpu = cfg.model, platform == "tpu"
+    attention = m.attention_impl
+    if attention == AUTO:
+        dense_needed = (m.attention_dropout > 0 or cfg.ar.randmask_ratio > 0
+                        or objective.diffusion_block > 0 or cfg.data.seq_len % 128 != 0)
+        attention = "splash" if tpu and not dense_needed else "xla"
+    loss = m.loss_impl
+    if loss == AUTO:
+        loss = "pallas" if tpu else "chunked" if vocab_rows >= CHUNKED_LOSS_MIN_VOCAB else "xla"
+    dtype = m.dtype
+    if dtype == AUTO:
+        dtype = "float32" if platform == "cpu" else "bfloat16"
+    return {"attention_impl": attention, "loss_impl": loss, "dtype": dtype}
+
+
 def transformer_config(cfg: ConfigDict, tokenizer_vocab_size: int,
-                       objective: Objective | None = None) -> TransformerConfig:
+                       objective: Objective | None = None,
+                       platform: str | None = None) -> TransformerConfig:
     """The model of this run (`cfg` validated). Every TransformerConfig field named like a
     cfg.model key takes its value; the objective (default: the config's) decides the attention
-    mask; the vocabulary is padded to hold MASK.
+    mask; the vocabulary is padded to hold MASK; "auto" choices are made for `platform`
+    (default: JAX's default backend here), see `hardware_choices`.
     """
     objective = objective_from_config(cfg) if objective is None else objective
+    vocab_rows = padded_vocab_size(tokenizer_vocab_size)
     copied = {f.name: cfg.model[f.name] for f in dataclasses.fields(TransformerConfig)
               if f.name in cfg.model and f.name not in _DERIVED_MODEL_FIELDS}
+    copied |= hardware_choices(cfg, platform or jax.default_backend(), vocab_rows, objective)
     return TransformerConfig(
-        vocab_size=padded_vocab_size(tokenizer_vocab_size),
+        vocab_size=vocab_rows,
         causal=objective.causal,
         diffusion_block=objective.diffusion_block,
         # Targets sit at positions 1..seq_len: one row more than the sequence.

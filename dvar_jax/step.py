@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from dvar_jax.model.transformer import Transformer, TransformerConfig
 from dvar_jax.objectives import Objective
+from dvar_jax.objectives.rows import BatchRows
 from dvar_jax.sharding import (
     LogicalRules,
     batch_sharding,
@@ -105,22 +106,31 @@ def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransform
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                     tx: optax.GradientTransformation, mask_id: int, seed: int,
-                    placement: Placement | None = None, skip_nonfinite: bool = False):
+                    placement: Placement | None = None, skip_nonfinite: bool = False,
+                    microbatches: int = 1):
     """The jitted step (state, tokens [batch, seq + 1]) -> (state, metrics); state is donated.
 
     With a placement, inputs and outputs have explicit shardings and metrics come back
     replicated. With skip_nonfinite, a step whose loss or gradient norm is not finite leaves
     parameters and optimizer state as they were and reports `skipped` = 1.
+    With microbatches = m > 1 the gradient is accumulated over m slices of the batch inside the
+    step (`accumulated_loss_and_grads`): one optimizer update, activations of batch / m rows.
     """
     step_key = jax.random.fold_in(jax.random.key(seed), 1)
+    batch_sharding = None if placement is None else placement.batch
 
     def step_fn(state: TrainState, tokens: jax.Array):
         rng = jax.random.fold_in(step_key, state.step)
 
-        def loss_fn(params):
-            return objective.loss(nnx.merge(graphdef, params), tokens, rng, mask_id)
+        def loss_fn(params, tokens, rows=None):
+            return objective.loss(nnx.merge(graphdef, params), tokens, rng, mask_id, rows=rows)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if microbatches == 1:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
+                                                                               tokens)
+        else:
+            loss, metrics, grads = accumulated_loss_and_grads(loss_fn, state.params, tokens,
+                                                              microbatches, batch_sharding)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
@@ -137,6 +147,43 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
     return jax.jit(step_fn, donate_argnums=0,
                    in_shardings=(placement.state, placement.batch),
                    out_shardings=(placement.state, placement.replicated))
+
+
+def accumulated_loss_and_grads(loss_fn: Callable, params: nnx.State, tokens: jax.Array,
+                               microbatches: int, batch_sharding: NamedSharding | None = None
+                               ) -> tuple[jax.Array, dict, nnx.State]:
+    """Loss, metrics and gradient of a batch [batch, seq + 1] as the mean over `microbatches`
+    slices, summed in float32 under a scan (one slice's activations live at a time).
+
+    loss_fn(params, tokens, rows) -> (loss, metrics), a per-token mean over its rows. Slice i
+    holds global rows i, m + i, 2m + i, ...: every data shard keeps its rows local (a strided
+    slice of a row-sharded batch is still sharded the same way), and `rows` tells the objective
+    which rows it has, so it draws the same noise as for the whole batch (objectives/rows.py).
+    All slices have batch / m rows and every objective's loss is a mean over rows x positions,
+    so the mean of slice means is the whole batch's mean.
+    batch_sharding: the token batch's sharding, kept on each slice.
+    """
+    batch = tokens.shape[0]
+    rows_per_slice = batch // microbatches
+    # [batch, w] -> [rows_per_slice, m, w] -> [m, rows_per_slice, w]: slice i = rows i::m.
+    slices = jnp.swapaxes(tokens.reshape(rows_per_slice, microbatches, -1), 0, 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one_slice(acc, i):
+        part = jax.lax.dynamic_index_in_dim(slices, i, keepdims=False)
+        if batch_sharding is not None:
+            part = jax.lax.with_sharding_constraint(part, batch_sharding)
+        rows = BatchRows(jnp.arange(rows_per_slice) * microbatches + i, batch, i)
+        (loss, metrics), grads = grad_fn(params, part, rows)
+        return jax.tree.map(jnp.add, acc, (loss, metrics, grads)), None
+
+    (loss, metrics), grads = jax.eval_shape(
+        grad_fn, params, slices[0], BatchRows(jnp.arange(rows_per_slice), batch, jnp.int32(0)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, metrics, grads))
+    total, _ = jax.lax.scan(one_slice, zeros, jnp.arange(microbatches))
+    loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, total)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, metrics, grads
 
 
 def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, mask_id: int, num_mc: int,

@@ -184,7 +184,8 @@ class _Loop:
         graphdef, self.state, self.placement = create_train_state(model_cfg, tx, cfg.seed, mesh,
                                                                   rules)
         self.train_step = make_train_step(graphdef, objective, tx, mask_id, cfg.seed,
-                                          self.placement, cfg.train.skip_nonfinite)
+                                          self.placement, cfg.train.skip_nonfinite,
+                                          cfg.train.microbatches)
         self.eval_step = make_eval_step(graphdef, objective, mask_id, cfg.eval.num_mc,
                                         self.placement)
 

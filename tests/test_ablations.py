@@ -331,7 +331,7 @@ def _cfg(**changes) -> ConfigDict:
      "block_diffusion.block_size=5: must be >= 1 and divide data.seq_len=128"),
     ({"objective": "block_diffusion", "model__attention_impl": "splash",
       "model__attention_dropout": 0.0},
-     "model.attention_impl='splash': block diffusion allows xla, pallas"),
+     "model.attention_impl='splash': block diffusion allows auto, xla, pallas"),
 ])
 def test_bad_ablation_options_are_named(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -63,7 +63,7 @@ def test_pallas_attention_refuses_attention_dropout():
     with pytest.raises(ValueError, match=re.escape("model.attention_dropout=0.1: must be 0 with")):
         validate_config(cfg)
     cfg.model.attention_impl = "cudnn"
-    expected = "model.attention_impl='cudnn': allowed xla, pallas, splash"
+    expected = "model.attention_impl='cudnn': allowed auto, xla, pallas, splash"
     with pytest.raises(ValueError, match=re.escape(expected)):
         validate_config(cfg)
 

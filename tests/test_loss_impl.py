@@ -101,7 +101,7 @@ def test_loss_impl_is_a_config_choice_with_checked_blocks():
     cfg.model.loss_block_t = 100
     with pytest.raises(ValueError) as err:
         validate_config(cfg)
-    assert "model.loss_impl='fused': allowed xla, chunked, pallas" in str(err.value)
+    assert "model.loss_impl='fused': allowed auto, xla, chunked, pallas" in str(err.value)
     assert "model.loss_block_t=100: must be a positive multiple of 8" in str(err.value)
     with pytest.raises(ValueError, match="loss_impl must be one of"):
         TransformerConfig(causal=True, loss_impl="fused", **{

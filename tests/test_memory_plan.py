@@ -1,6 +1,7 @@
 """`dvar plan-memory`: the real train step compiled ahead of time for a TPU topology, on CPU."""
 
 import importlib.util
+import re
 
 import pytest
 
@@ -78,3 +79,71 @@ def test_plan_memory_of_a_trained_run_uses_its_saved_config(trained_runs, capsys
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "ar cpu-xs on v5p:2x2x1" in out and "batch 8 x 32" in out, out
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("RESOURCE_EXHAUSTED: ... the total memory required for HLO temporaries (229.90G) exceeds "
+     "available HBM (95.73G). HLO module: jit_step_fn.", (229.90 * 2**30, 95.73 * 2**30)),
+    ("HLO temporaries (1.18T) exceeds available HBM (15.75G)", (1.18 * 2**40, 15.75 * 2**30)),
+    ("INTERNAL: something else", None),
+])
+def test_xla_out_of_memory_messages_are_read_for_their_bytes(message, expected):
+    from dvar_jax.memory_plan import parse_hbm_oom
+
+    got = parse_hbm_oom(message)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_a_plan_that_does_not_fit_is_reported_with_what_would_fit(capsys):
+    """No traceback: the bytes needed and available, and flags to try (cpu-xs at 128 x 8192
+    with xla attention needs about 49 GiB a chip; a v5e has 16)."""
+    argv = ["dvar", "plan-memory", "--topology=v5e:2x2", "--mesh=1,4,1",
+            "--config.model.name=cpu-xs", "--config.data.seq_len=8192",
+            "--config.train.batch_size=128", "--config.data.vocab_size=400",
+            "--config.model.loss_impl=xla"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"does not fit: needs about ([\d.,]+) GiB per chip, ([\d.]+) GiB available",
+                      out)
+    assert match, out
+    needed, available = float(match[1].replace(",", "")), float(match[2])
+    assert needed > available > 15
+    assert "--config.model.remat=full" in out
+    m = int(re.search(r"--config.train.microbatches=(\d+)", out)[1])
+    # The smallest accumulation that brings the activations (all but ~0 GiB of state) under
+    # 90% of the chip, dividing the batch so that every slice splits over the 4 chips.
+    assert 128 % m == 0 and (128 // m) % 4 == 0
+    assert needed / m <= 0.9 * available < needed / (m // 2)
+    assert re.search(r"more chips: about (\d+)", out)
+
+
+def test_kernel_flops_reach_the_roofline():
+    """XLA cannot see inside a Pallas kernel: ours declare their cost, splash is counted."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from dvar_jax.kernels.common import lowering_for
+    from dvar_jax.kernels.cross_entropy import fused_cross_entropy
+    from dvar_jax.memory_plan import splash_flops, tpu_devices
+    from dvar_jax.model.transformer import TransformerConfig
+
+    tokens, dim, vocab = 1024, 256, 8192
+    on_chip = SingleDeviceSharding(tpu_devices("v5p:2x2x1")[0])
+    shapes = [jax.ShapeDtypeStruct(s, t, sharding=on_chip) for s, t in
+              [((tokens, dim), jnp.float32), ((vocab, dim), jnp.float32),
+               ((tokens,), jnp.int32), ((tokens,), jnp.float32)]]
+    grads = jax.jit(jax.grad(lambda *a: fused_cross_entropy(*a)[0], argnums=(0, 1)))
+    with lowering_for("tpu"):
+        cost = grads.lower(*shapes).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    # Forward logits, then dh and dE each recompute the logits and multiply: 5 matmuls of
+    # 2 T d V; XLA adds only elementwise work around them.
+    matmuls = 5 * 2 * tokens * dim * vocab
+    assert matmuls <= cost["flops"] <= 1.01 * matmuls
+
+    # splash, causal, seq 1024 in blocks of 512: 3 of the 4 blocks; forward 2 matmuls, the
+    # backward 7, and with remat the forward twice: (2 * 2 + 7) x 2 b h s^2 d x 3/4 per layer.
+    model = TransformerConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, head_dim=16,
+                              causal=True, remat="dots")
+    assert splash_flops(model, batch=8, seq=1024) == 2 * 11 * 2 * 8 * 4 * 1024**2 * 16 * 0.75

@@ -30,17 +30,28 @@ def get_config() -> ConfigDict:
     c.model.attention_dropout = 0.1
     c.model.hidden_dropout = 0.1
     # Compute dtype of activations and matmuls; parameters and optimizer state stay float32.
-    c.model.dtype = "float32"  # "float32" | "bfloat16"
+    # "auto": bfloat16 on TPU and GPU, float32 on CPU (no native bfloat16 matmul there).
+    c.model.dtype = "auto"  # "auto" | "float32" | "bfloat16"
     # "xla" (reference), "pallas" (our flash attention kernel) or "splash" (JAX's TPU splash
     # kernel); both kernels need attention_dropout = 0 and run in interpret mode on CPU.
-    c.model.attention_impl = "xla"
+    # "auto": splash on TPU when attention_dropout is 0 (and the objective allows it: no
+    # token masking, no block diffusion; seq_len a multiple of 128), otherwise xla.
+    c.model.attention_impl = "auto"
     c.model.attention_block_q = 128  # pallas query block: a multiple of 8 (TPU: of 128)
     c.model.attention_block_k = 128  # pallas key block: a multiple of 8 (TPU: of 128)
     # Output layer + cross-entropy: "xla" (full [batch, seq, vocab] logits), "chunked" (pure JAX
     # over vocabulary blocks) or "pallas" (fused kernel); the last two never build the logits.
-    c.model.loss_impl = "xla"
+    # "auto": pallas on TPU; elsewhere chunked from 16,384 vocabulary rows up, else xla.
+    c.model.loss_impl = "auto"
     c.model.loss_block_t = 256  # pallas token block: a multiple of 8
     c.model.loss_block_v = 512  # vocabulary block (chunked and pallas): a multiple of 8
+    # What the backward pass keeps of each block's forward: "none" (everything), "full" (the
+    # block's input only: recompute the rest) or "dots" (also the outputs of the projections,
+    # jax.checkpoint_policies.dots_with_no_batch_dims_saveable). Numbers do not change.
+    c.model.remat = "none"
+    # Run the blocks under jax.lax.scan: one block is compiled whatever the depth. Parameters,
+    # checkpoints and sharding are the same as unrolled (blocks are stacked at call time).
+    c.model.scan_layers = False
 
     # The study's AR ablations (PAPER.md §8); objective="ar" only. The defaults are plain AR.
     # Attention dropout, the third, is model.attention_dropout.
@@ -102,6 +113,10 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.batch_size = 32  # global batch, in sequences
+    # Gradient accumulation: the batch is cut into this many slices inside the step, one
+    # slice's activations at a time, one optimizer update. Must divide batch_size (and leave
+    # each slice divisible by the mesh's data x fsdp devices). Same updates up to float error.
+    c.train.microbatches = 1
     c.train.peak_lr = 2e-4  # AdamW learning rate after warmup
     c.train.min_lr_ratio = 0.1  # cosine decays to peak_lr * min_lr_ratio over the whole run
     c.train.warmup_fraction = 0.01  # of all steps

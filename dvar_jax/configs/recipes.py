@@ -24,7 +24,14 @@ def study_config(objective: str, size: str, unique_tokens: int, epochs: float) -
     c = base.get_config()
     c.objective = objective
     c.model.name = size
-    c.model.dtype = "bfloat16"  # bf16 mixed precision; parameters and optimizer stay float32
+    # Dropout stays the study code's Megatron 0.1 / 0.1 (base config): the study ran it, and it
+    # helps diffusion more than AR (benchmarks/results/gpu_2026-12-04.md). On TPU that means the
+    # xla attention path, since splash has no dropout; --config.model.attention_dropout=0
+    # switches "auto" to splash (README, "The study's runs on TPU").
+    # Layers are scanned (compile time flat in depth) and the projections' outputs kept for the
+    # backward pass ("dots"): the study's batch then fits every size (benchmarks/tpu_plan.py).
+    c.model.scan_layers = True
+    c.model.remat = "dots"
     # Stores made by `dvar prepare` from C4 with GPT-2's BPE (README, "Reproduce the study").
     c.data.source = "store"
     c.data.train_store = required("data.train_store", "the C4 train store from dvar prepare")

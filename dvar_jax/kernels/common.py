@@ -4,8 +4,28 @@ matmul dimension numbers and the choice between compiling and interpreting.
 Used by flash_attention.py, cross_entropy.py and splash.py; imports nothing from dvar_jax.
 """
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import numpy as np
+
+# The platform kernels are lowered for when it is not the process's own backend: a CPU process
+# compiling ahead of time for abstract TPU devices (`dvar plan-memory`) must lower the kernels
+# through Mosaic, as the TPU would run them, not as interpret-mode loops.
+_LOWERING_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lowering_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[None]:
+    """Within this block, kernels with interpret=None are lowered for `platform` (e.g. "tpu")."""
+    token = _LOWERING_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _LOWERING_PLATFORM.reset(token)
 
 # Finite stand-in for -inf: exp(MASK_VALUE - m) is exactly 0 for any real m, and a row that has
 # seen only masked scores so far (m == MASK_VALUE) is reset by the first real score instead of
@@ -30,12 +50,13 @@ def round_up(n: int, multiple: int) -> int:
 def resolve_interpret(interpret: bool | None) -> bool:
     """Whether a kernel runs in Pallas interpret mode, from the caller's `interpret` argument.
 
-    None: interpret on a CPU backend, compile otherwise. False on a CPU backend still lowers and
-    compiles for TPU (`jax.export(..., platforms=["tpu"])`, or jit for an abstract TPU device).
+    None: interpret on a CPU backend, compile otherwise (the backend being `lowering_for`'s
+    platform inside one). False on a CPU backend still lowers and compiles for TPU
+    (`jax.export(..., platforms=["tpu"])`, or jit for an abstract TPU device).
     Raises NotImplementedError when compiling on a GPU backend: the kernels are Mosaic TPU
     kernels (docs/kernels.md, "GPU").
     """
-    backend = jax.default_backend()
+    backend = _LOWERING_PLATFORM.get() or jax.default_backend()
     if interpret is None:
         interpret = backend == "cpu"
     if not interpret and backend in GPU_BACKENDS:

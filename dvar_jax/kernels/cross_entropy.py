@@ -301,12 +301,28 @@ def _specs(plan: _Plan, dim: int, tokens_outer: bool):
     return hidden, embedding, column
 
 
-def _pallas(plan: _Plan, kernel, grid, in_specs, out_specs, out_shape, scratch, name: str):
+# Matmuls of one (token block, vocabulary block) tile, each 2 block_t block_v d FLOPs: the
+# forward computes the logits tile; dh and dE recompute it, then multiply its cotangent.
+_TILE_MATMULS = {"cross_entropy_forward": 1, "cross_entropy_dh": 2, "cross_entropy_de": 2}
+
+
+def _cost_estimate(plan: _Plan, dim: int, itemsize: int, name: str) -> pl.CostEstimate:
+    """What one kernel does, for XLA's cost analysis (which cannot see inside a kernel): the
+    tiles' matmuls, one exp per logit, and the hidden and embedding blocks each tile reads."""
+    tiles = (plan.tokens // plan.block_t) * (plan.padded_vocab // plan.block_v)
+    logits = tiles * plan.block_t * plan.block_v
+    reads = tiles * (plan.block_t + plan.block_v) * dim * itemsize
+    return pl.CostEstimate(flops=2 * logits * dim * _TILE_MATMULS[name], transcendentals=logits,
+                           bytes_accessed=reads)
+
+
+def _pallas(plan: _Plan, kernel, grid, in_specs, out_specs, out_shape, scratch, name: str,
+            cost: pl.CostEstimate):
     return pl.pallas_call(
         functools.partial(kernel, plan), grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=plan.interpret, name=name)
+        interpret=plan.interpret, name=name, cost_estimate=cost)
 
 
 def _fused_stats(plan: _Plan, hidden, embedding, targets):
@@ -316,8 +332,9 @@ def _fused_stats(plan: _Plan, hidden, embedding, targets):
     stat = jax.ShapeDtypeStruct((plan.tokens, 1), jnp.float32)
     scratch = [pltpu.VMEM((plan.block_t, 1), jnp.float32) for _ in range(3)]
     return _pallas(plan, _forward_kernel, (n_t, n_v), [hidden_spec, embedding_spec, column],
-                   [column, column], [stat, stat], scratch, "cross_entropy_forward")(
-        hidden, embedding, targets)
+                   [column, column], [stat, stat], scratch, "cross_entropy_forward",
+                   _cost_estimate(plan, hidden.shape[1], hidden.dtype.itemsize,
+                                  "cross_entropy_forward"))(hidden, embedding, targets)
 
 
 def _fused_grads(plan: _Plan, hidden, embedding, targets, lse, coef):
@@ -328,11 +345,13 @@ def _fused_grads(plan: _Plan, hidden, embedding, targets, lse, coef):
     h_spec, e_spec, column = _specs(plan, dim, tokens_outer=True)
     dh = _pallas(plan, _dh_kernel, (n_t, n_v), [h_spec, e_spec, column, column, column], h_spec,
                  jax.ShapeDtypeStruct(hidden.shape, hidden.dtype),
-                 [pltpu.VMEM((plan.block_t, dim), jnp.float32)], "cross_entropy_dh")(*args)
+                 [pltpu.VMEM((plan.block_t, dim), jnp.float32)], "cross_entropy_dh",
+                 _cost_estimate(plan, dim, hidden.dtype.itemsize, "cross_entropy_dh"))(*args)
     h_spec, e_spec, column = _specs(plan, dim, tokens_outer=False)
     de = _pallas(plan, _de_kernel, (n_v, n_t), [h_spec, e_spec, column, column, column], e_spec,
                  jax.ShapeDtypeStruct(embedding.shape, embedding.dtype),
-                 [pltpu.VMEM((plan.block_v, dim), jnp.float32)], "cross_entropy_de")(*args)
+                 [pltpu.VMEM((plan.block_v, dim), jnp.float32)], "cross_entropy_de",
+                 _cost_estimate(plan, dim, hidden.dtype.itemsize, "cross_entropy_de"))(*args)
     return dh, de
 
 

@@ -9,10 +9,18 @@ pass: RoPE position ids, target positions and a dense attention mask.
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `mlp`, ...) so that a
 rule table can map them onto a device mesh.
+
+Memory and compile time (`remat`, `scan_layers`): the blocks are stored as a list of modules in
+every mode, so parameters, checkpoints and sharding rules do not depend on either option. Each
+block is applied through one pure function of (its parameters, inputs); `remat` wraps that
+function in `jax.checkpoint` with a policy, and `scan_layers` stacks the blocks' parameters along
+a leading layer axis at call time and runs the function under `jax.lax.scan`, so the block is
+traced and compiled once whatever the depth.
 """
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,17 @@ from dvar_jax.sharding import constrain
 RESIDUAL_AXES = ("batch", "seq", "activation_embed")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# What the backward pass may keep from the forward pass of a block (`model.remat`):
+#   none: everything (no recomputation; the most memory);
+#   full: only the block's input (the forward is recomputed in the backward);
+#   dots: also the outputs of matmuls without batch dimensions, i.e. the q/k/v, attention-out
+#         and MLP projections; attention scores and elementwise results are recomputed.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def ffn_hidden_size(d_model: int) -> int:
@@ -66,6 +85,8 @@ class TransformerConfig:
     loss_impl: str = "xla"
     loss_block_t: int = 256
     loss_block_v: int = 512
+    remat: str = "none"
+    scan_layers: bool = False
     rope_theta: float = 1e4
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -91,6 +112,9 @@ class TransformerConfig:
             raise ValueError(f"model loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model remat must be one of {list(REMAT_POLICIES)}, "
+                             f"got {self.remat!r}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -131,11 +155,16 @@ class Block(nnx.Module):
         self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 dropout_rngs: nnx.Rngs | None, mask: jax.Array | None = None) -> jax.Array:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model]; mask: [batch, seq, seq] or None."""
+                 dropout_keys: jax.Array | None, mask: jax.Array | None = None) -> jax.Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]; mask: [batch, seq, seq] or None.
+
+        dropout_keys: None (deterministic) or [3] keys: attention, then the two residual
+        branches (see `block_dropout_keys`).
+        """
         cfg = self.cfg
         batch, seq, _ = x.shape
-        deterministic = dropout_rngs is None
+        deterministic = dropout_keys is None
+        keys = (None, None, None) if deterministic else tuple(dropout_keys)
 
         qkv = self.qkv(self.attn_norm(x)).reshape(batch, seq, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -143,15 +172,39 @@ class Block(nnx.Module):
         attn = attention(
             q, k, v, impl=cfg.attention_impl, causal=cfg.causal,
             diffusion_block=cfg.diffusion_block, mask=mask,
-            dropout_rate=cfg.attention_dropout,
-            dropout_rng=None if deterministic else dropout_rngs.dropout(),
+            dropout_rate=cfg.attention_dropout, dropout_rng=keys[0],
             blocks=(cfg.attention_block_q, cfg.attention_block_k))
         attn = self.attn_out(attn.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
-        x = x + self.dropout(attn, deterministic=deterministic, rngs=dropout_rngs)
+        x = x + self.dropout(attn, deterministic=deterministic, rngs=keys[1])
 
         gate, up = jnp.split(self.mlp_in(self.mlp_norm(x)), 2, axis=-1)
         mlp = self.mlp_out(jax.nn.silu(gate) * up)
-        return x + self.dropout(mlp, deterministic=deterministic, rngs=dropout_rngs)
+        return x + self.dropout(mlp, deterministic=deterministic, rngs=keys[2])
+
+
+def block_dropout_keys(cfg: TransformerConfig, dropout_rng: jax.Array) -> tuple[jax.Array,
+                                                                                jax.Array]:
+    """(embedding key, [n_layers, 3] block keys) for one dropout-on forward pass.
+
+    The keys are those an `nnx.Rngs(dropout=dropout_rng)` stream hands out when the embedding
+    dropout and then every block draw from it in order (fold_in(rng, count), and nnx's Dropout
+    draws nothing at rate 0), so runs keep the numbers they had before blocks took explicit
+    keys. Explicit keys are what lets a scan over layers give each layer its own.
+    """
+    hidden = cfg.hidden_dropout > 0
+    first = 1 if hidden else 0  # the embedding's draw
+    per_block = 3 if hidden else 1  # attention always draws; the two branches only if hidden
+    layer = jnp.arange(cfg.n_layers)[:, None]
+    counts = first + per_block * layer + jnp.minimum(jnp.arange(3), per_block - 1)[None, :]
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(None, 0))
+    return jax.random.fold_in(dropout_rng, 0), fold(dropout_rng, counts)
+
+
+def _apply_block(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cos: jax.Array,
+                 sin: jax.Array, keys: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+    """One block as a pure function of its parameters: what remat and scan transform."""
+    x = constrain(x, RESIDUAL_AXES)
+    return constrain(nnx.merge(graphdef, params)(x, cos, sin, keys, mask), RESIDUAL_AXES)
 
 
 class Transformer(nnx.Module):
@@ -193,12 +246,36 @@ class Transformer(nnx.Module):
                 target_positions = jnp.arange(1, x.shape[1] + 1)[None, :]
             x = x + self.target_embed(target_positions)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
-        x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
-        for block in self.blocks:
-            x = constrain(block(constrain(x, RESIDUAL_AXES), cos, sin, rngs, attention_mask),
-                          RESIDUAL_AXES)
-        return self.final_norm(x)
+        keys = None
+        if dropout_rng is not None:
+            embed_key, keys = block_dropout_keys(self.cfg, dropout_rng)
+            x = self.dropout(x, deterministic=False, rngs=embed_key)
+        return self.final_norm(self._blocks(x, cos, sin, keys, attention_mask))
+
+    def _blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, keys: jax.Array | None,
+                mask: jax.Array | None) -> jax.Array:
+        """Every block in order, unrolled or scanned, each under the remat policy."""
+        graphdef = nnx.graphdef(self.blocks[0])  # every block has the same structure
+        layer_params = [nnx.state(block) for block in self.blocks]
+        apply = partial(_apply_block, graphdef)
+        if self.cfg.remat != "none":
+            # Under scan the body is not inlined twice, so XLA's CSE cannot undo the remat.
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                                   prevent_cse=not self.cfg.scan_layers)
+        if not self.cfg.scan_layers:
+            for i, params in enumerate(layer_params):
+                x = apply(params, x, cos, sin, None if keys is None else keys[i], mask)
+            return x
+        # Stacked at call time: a [n_layers, ...] copy of the block parameters that lives for
+        # the step; the stored parameters stay one module per block.
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_params)
+
+        def body(x, layer):
+            params, layer_keys = layer
+            return apply(params, x, cos, sin, layer_keys, mask), None
+
+        x, _ = jax.lax.scan(body, x, (stacked, keys))
+        return x
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  dropout_rng: jax.Array | None = None) -> jax.Array:

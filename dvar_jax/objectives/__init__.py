@@ -37,7 +37,8 @@ from dvar_jax.objectives.diffusion import (
 )
 from dvar_jax.objectives.orderings import make_orders, order_problems
 
-# (model, tokens [batch, seq + 1], rng, mask_id) -> (scalar loss, metrics)
+# (model, tokens [batch, seq + 1], rng, mask_id, rows=None) -> (scalar loss, metrics); rows:
+# which rows of the global batch the tokens are (objectives/rows.py).
 TrainLoss = Callable[..., tuple[jax.Array, dict]]
 # (model, tokens [batch, seq + 1], rng, mask_id, num_mc) -> per-sequence loss sums [batch]
 ValidationLoss = Callable[..., jax.Array]
@@ -168,15 +169,15 @@ def config_problems(cfg: ConfigDict) -> list[str]:
     check(cfg.objective == "ar" or not used,
           f"ar.{', ar.'.join(used)} set with objective={cfg.objective!r}: "
           "the ar.* options apply to objective='ar' only")
-    check(a.randmask_ratio == 0 or cfg.model.attention_impl == "xla",
-          f"ar.randmask_ratio={a.randmask_ratio} needs model.attention_impl='xla' (a dense "
-          f"per-sequence mask), got {cfg.model.attention_impl!r}")
+    check(a.randmask_ratio == 0 or cfg.model.attention_impl in ("xla", "auto"),
+          f"ar.randmask_ratio={a.randmask_ratio} needs model.attention_impl='xla' or 'auto' (a "
+          f"dense per-sequence mask), got {cfg.model.attention_impl!r}")
     if cfg.objective == "block_diffusion":
         b = cfg.block_diffusion.block_size
         check(b >= 1 and cfg.data.seq_len % b == 0,
               f"block_diffusion.block_size={b}: must be >= 1 and divide data.seq_len="
               f"{cfg.data.seq_len}")
-        check(cfg.model.attention_impl in ("xla", "pallas"),
+        check(cfg.model.attention_impl in ("auto", "xla", "pallas"),
               f"model.attention_impl={cfg.model.attention_impl!r}: block diffusion allows "
-              "xla, pallas")
+              "auto, xla, pallas")
     return problems

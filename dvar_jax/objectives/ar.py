@@ -13,6 +13,7 @@ import numpy as np
 
 from dvar_jax.objectives.augment import randmask_attention
 from dvar_jax.objectives.orderings import permute_windows
+from dvar_jax.objectives.rows import BatchRows, batch_size, dropout_key, take
 
 
 class ARVariant(NamedTuple):
@@ -59,24 +60,30 @@ def ordered_ar_sequence_losses(model, tokens: jax.Array, perms: jax.Array,
 
 
 def ar_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
-            variant: ARVariant = PLAIN_AR) -> tuple[jax.Array, dict]:
+            variant: ARVariant = PLAIN_AR, rows: BatchRows | None = None
+            ) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over all batch * seq positions. `mask_id` is unused by AR.
 
     Plain AR uses `rng` for dropout only, so its losses do not depend on the variant code; the
-    order choice and the token mask draw from keys folded out of it.
+    order choice and the token mask draw from keys folded out of it, for the whole global batch
+    (rows: which rows of it `tokens` are, objectives/rows.py; None: all of it).
     """
     del mask_id
     batch, window = tokens.shape
+    dropout_rng = dropout_key(rows, rng)
     if variant.plain:
-        losses = ar_sequence_losses(model, tokens, dropout_rng=rng)
+        losses = ar_sequence_losses(model, tokens, dropout_rng=dropout_rng)
         return losses.sum() / (batch * (window - 1)), {}
+    total = batch_size(rows, batch)
     mask = None
     if variant.randmask_ratio > 0:
-        mask = randmask_attention(jax.random.fold_in(rng, 2), batch, window - 1,
-                                  variant.randmask_ratio)
+        mask = take(rows, randmask_attention(jax.random.fold_in(rng, 2), total, window - 1,
+                                             variant.randmask_ratio))
     orders = jnp.arange(window - 1)[None] if variant.orders is None else jnp.asarray(variant.orders)
-    choice = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, orders.shape[0])
-    losses = ordered_ar_sequence_losses(model, tokens, orders[choice], mask, dropout_rng=rng)
+    choice = take(rows, jax.random.randint(jax.random.fold_in(rng, 1), (total,), 0,
+                                           orders.shape[0]))
+    losses = ordered_ar_sequence_losses(model, tokens, orders[choice], mask,
+                                        dropout_rng=dropout_rng)
     return losses.sum() / (batch * (window - 1)), {}
 
 

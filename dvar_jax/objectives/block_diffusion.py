@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from dvar_jax.objectives.diffusion import MASK_EPS, mask_tokens, stratified_times
+from dvar_jax.objectives.rows import BatchRows, batch_size, dropout_key, take
 
 
 def block_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng: jax.Array,
                                     mask_id: int, dropout_rng: jax.Array | None = None,
-                                    eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
+                                    eps: float = MASK_EPS, rows: BatchRows | None = None
+                                    ) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sums of CE / p over masked positions: ([batch], weights [batch, L]).
 
     clean: [batch, L]; t: [batch, L / B] noise levels, one per block (the model's
@@ -27,7 +29,7 @@ def block_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng: 
     """
     length = clean.shape[1]
     block = length // t.shape[1]
-    noisy, weights = mask_tokens(clean, jnp.repeat(t, block, axis=1), rng, mask_id, eps)
+    noisy, weights = mask_tokens(clean, jnp.repeat(t, block, axis=1), rng, mask_id, eps, rows)
     positions = jnp.tile(jnp.arange(length), 2)[None]
     losses = model.sequence_losses(jnp.concatenate([noisy, clean], axis=1), clean, weights,
                                    positions, dropout_rng)
@@ -35,13 +37,16 @@ def block_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng: 
 
 
 def block_diffusion_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
-                         block_size: int) -> tuple[jax.Array, dict]:
-    """Training loss on windows [batch, seq + 1]: weighted masked CE summed / (batch * seq)."""
+                         block_size: int, rows: BatchRows | None = None) -> tuple[jax.Array, dict]:
+    """Training loss on windows [batch, seq + 1]: weighted masked CE summed / (batch * seq).
+
+    rows: which rows of the global batch `tokens` are (objectives/rows.py); None: all of it."""
     clean = tokens[:, :-1]
     t_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
-    t = jax.random.uniform(t_rng, (clean.shape[0], clean.shape[1] // block_size))
+    total = batch_size(rows, clean.shape[0])
+    t = take(rows, jax.random.uniform(t_rng, (total, clean.shape[1] // block_size)))
     losses, weights = block_diffusion_sequence_losses(model, clean, t, mask_rng, mask_id,
-                                                      dropout_rng)
+                                                      dropout_key(rows, dropout_rng), rows=rows)
     return losses.sum() / clean.size, {"masked_fraction": jnp.mean(weights > 0)}
 
 

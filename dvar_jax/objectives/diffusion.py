@@ -10,44 +10,54 @@ negative ELBO.
 import jax
 import jax.numpy as jnp
 
+from dvar_jax.objectives.rows import BatchRows, batch_size, dropout_key, take
+
 MASK_EPS = 1e-3
 
 
 def mask_tokens(clean: jax.Array, t: jax.Array, rng: jax.Array, mask_id: int,
-                eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
+                eps: float = MASK_EPS, rows: BatchRows | None = None
+                ) -> tuple[jax.Array, jax.Array]:
     """The forward process at noise levels t: (noisy tokens, loss weights), both [batch, seq].
 
     clean: [batch, seq] token ids; t: [batch] in [0, 1] (one level per sequence), or
     [batch, seq] (one per token: block diffusion's per-block levels). Each token becomes
     `mask_id` with probability p = (1 - eps) t + eps; the weights are 1/p where masked, else 0.
+    rows: the call's rows of the global batch (objectives/rows.py); the uniforms are drawn for
+    the whole batch, so a row is masked alike in any microbatch.
     """
     p = (1.0 - eps) * t + eps
     if p.ndim == 1:
         p = p[:, None]
-    masked = jax.random.bernoulli(rng, p, clean.shape)
+    # u < p is jax.random.bernoulli(rng, p, shape) to the bit, drawn for the whole batch.
+    total = batch_size(rows, clean.shape[0])
+    masked = take(rows, jax.random.uniform(rng, (total, clean.shape[1]), p.dtype)) < p
     weights = jnp.where(masked, 1.0 / p, 0.0).astype(jnp.float32)
     return jnp.where(masked, mask_id, clean), weights
 
 
 def masked_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng: jax.Array,
                                      mask_id: int, dropout_rng: jax.Array | None = None,
-                                     eps: float = MASK_EPS) -> tuple[jax.Array, jax.Array]:
+                                     eps: float = MASK_EPS, rows: BatchRows | None = None
+                                     ) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sums of CE / p over masked positions at noise levels t: ([batch], weights).
 
     clean: [batch, seq]; t: [batch]. The weights [batch, seq] are returned for statistics.
     """
-    noisy, weights = mask_tokens(clean, t, rng, mask_id, eps)
+    noisy, weights = mask_tokens(clean, t, rng, mask_id, eps, rows)
     return model.sequence_losses(noisy, clean, weights, dropout_rng=dropout_rng), weights
 
 
-def diffusion_loss(model, tokens: jax.Array, rng: jax.Array,
-                   mask_id: int) -> tuple[jax.Array, dict]:
-    """Training loss on windows [batch, seq + 1]: sum of weighted masked CE / (batch * seq)."""
+def diffusion_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
+                   rows: BatchRows | None = None) -> tuple[jax.Array, dict]:
+    """Training loss on windows [batch, seq + 1]: sum of weighted masked CE / (batch * seq).
+
+    rows: which rows of the global batch `tokens` are (objectives/rows.py); None: all of it."""
     clean = tokens[:, :-1]
     t_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
-    t = jax.random.uniform(t_rng, (clean.shape[0],))
+    t = take(rows, jax.random.uniform(t_rng, (batch_size(rows, clean.shape[0]),)))
     losses, weights = masked_diffusion_sequence_losses(model, clean, t, mask_rng, mask_id,
-                                                       dropout_rng)
+                                                       dropout_key(rows, dropout_rng), rows=rows)
     return losses.sum() / clean.size, {"masked_fraction": jnp.mean(weights > 0)}
 
 
