@@ -14,8 +14,12 @@ from dvar_jax.config import hardware_choices, transformer_config, validate_confi
 from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import REMAT_POLICIES, Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective, objective_from_config
-from dvar_jax.step import accumulated_loss_and_grads, create_train_state, make_optimizer, \
-    make_train_step
+from dvar_jax.step import (
+    accumulated_loss_and_grads,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+)
 
 VOCAB = 61  # tokenizer ids; MASK is 61, the embedding 128 rows
 
