@@ -19,6 +19,7 @@ from dvar_jax.model.transformer import (
     padded_vocab_size,
 )
 from dvar_jax.objectives import Objective, config_problems, objective_from_config
+from dvar_jax.scaling.laws import FAMILIES, FAMILY_ISOFLOP
 from dvar_jax.sharding import distributed_problems, mesh_size_problems, rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")
@@ -80,6 +81,12 @@ def validate_config(cfg: ConfigDict) -> None:
             problems.append(message)
 
     problems += config_problems(cfg)  # objective, ar.*, block_diffusion.*
+    check(cfg.get("family", "") in ("", *FAMILIES),
+          f"family={cfg.get('family')!r}: allowed {', '.join(repr(f) for f in FAMILIES)} or '' "
+          "(none)")
+    check(cfg.get("family", "") != FAMILY_ISOFLOP or cfg.data.epochs <= 1,
+          f"family={FAMILY_ISOFLOP!r} with data.epochs={cfg.data.epochs}: an isoFLOP run is one "
+          "epoch on fresh data (data.epochs <= 1); use 'data_constrained'")
     try:
         dims = model_dims(cfg.model)
         for k, v in dims.items():

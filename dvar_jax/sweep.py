@@ -324,7 +324,9 @@ def format_runs(grid: Grid, runs: list[tuple[str, ConfigDict]] | None = None) ->
 
 def make_record(grid: Grid, name: str, cfg: ConfigDict, summary: dict, run_dir: Path) -> dict:
     """The results record of a finished run: N as train counted it (the tokenizer's real
-    vocabulary), D the tokens it trained on, FLOPs by 6ND and with attention."""
+    vocabulary), D the tokens it trained on, FLOPs by 6ND and with attention, and its family
+    for the scaling-law fit from the grid's config (`cfg.family`: "isoflop" or
+    "data_constrained"; None when the grid set none, and `dvar fit` classifies it by its rule)."""
     from dvar_jax.config import model_dims
     from dvar_jax.scaling.flops import training_flops
 
@@ -333,6 +335,7 @@ def make_record(grid: Grid, name: str, cfg: ConfigDict, summary: dict, run_dir: 
     params, tokens = summary["params"], summary["tokens"]
     return {
         "name": name, "grid": grid.label, "objective": summary["objective"],
+        "family": cfg.get("family") or None,
         "params": params,
         "unique_tokens": summary.get("unique_tokens") or cfg.data.unique_tokens,
         "epochs": cfg.data.epochs, "tokens": tokens, "flops": training_flops(params, tokens),

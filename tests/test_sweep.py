@@ -92,6 +92,69 @@ def test_data_value_runs_split_the_optimal_tokens_into_epochs(paper_rows):
     assert paper_rows["diffusion-117M-C1e19-E1"]["tokens"] == pytest.approx(13.48e9, rel=1e-3)
 
 
+def test_paper_grid_families_follow_the_study_protocol(paper_grid):
+    """isoFLOP runs (and a data-value series' one-epoch run, the same run) are "isoflop": one
+    epoch on fresh data; every multi-epoch series run, E = 1 included, and the data-value runs
+    over more epochs are "data_constrained"."""
+    families = {name: cfg.family for name, cfg in paper_grid.runs}
+    for name, cfg in paper_grid.runs:
+        budget = name.split("-")[2]
+        if budget.startswith("U"):
+            assert cfg.family == "data_constrained", name
+        else:
+            assert budget.startswith("C")
+            assert cfg.family == ("isoflop" if cfg.data.epochs == 1 else "data_constrained"), name
+    assert families["ar-7M-U25M-E1"] == families["ar-140M-U100M-E1"] == "data_constrained"
+    assert families["ar-217M-C1e19-E1"] == "isoflop"  # isoFLOP and data-value run at once
+    iso = [cfg for _, cfg in paper_grid.runs if cfg.family == "isoflop"]
+    assert len(iso) >= 2 * 5 * len(paper.ISO_FLOPS)
+
+
+def test_make_record_writes_the_grid_family(tmp_path):
+    """The record's family is the config's (set by the grid's add_run); None when unset."""
+    small_grid = load_grid("small")
+    name, cfg = next((n, c) for n, c in small_grid.runs if n == "ar-cpu-s-U60k-E1")
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "eval", "step": 7, "epoch": 1.0, "val_loss": 5.0}) + "\n")
+    summary = {"objective": "ar", "params": 1_300_000, "tokens": 60_000, "unique_tokens": 60_000,
+               "best_val_loss": 5.0, "final_val_loss": 5.1, "best_epoch": 1.0}
+    record = sweep.make_record(small_grid, name, cfg, summary, run_dir)
+    assert record["family"] == "isoflop" and record["best_step"] == 7
+    series = dict(small_grid.runs)["ar-cpu-s-U5k-E1"]
+    assert sweep.make_record(small_grid, name, series, summary, run_dir)["family"] == \
+        "data_constrained"
+    unset = cfg.copy_and_resolve_references()
+    unset.family = ""  # a grid that names no family
+    assert sweep.make_record(small_grid, name, unset, summary, run_dir)["family"] is None
+
+
+def test_add_run_family_is_checked_and_one_run_has_one_family():
+    from dvar_jax.configs.grids import add_run
+
+    grid = {}
+    add_run(grid, "r", get_config(), family="isoflop")
+    assert grid["r"].family == "isoflop"
+    with pytest.raises(ValueError, match=r"grid run 's': family='fresh'; allowed 'isoflop', "
+                                         r"'data_constrained'"):
+        add_run(grid, "s", get_config(), family="fresh")
+    with pytest.raises(ValueError, match="defined twice with different configs"):
+        add_run(grid, "r", get_config(), family="data_constrained")
+
+
+def test_config_family_is_validated():
+    cfg = get_config()
+    cfg.family = "fresh"
+    with pytest.raises(ValueError, match=r"family='fresh': allowed 'isoflop', "
+                                         r"'data_constrained' or '' \(none\)"):
+        validate_config(cfg)
+    cfg.family, cfg.data.epochs = "isoflop", 4.0
+    with pytest.raises(ValueError, match=r"family='isoflop' with data.epochs=4.0: an isoFLOP run "
+                                         r"is one epoch on fresh data"):
+        validate_config(cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # the small grid
 
@@ -106,10 +169,13 @@ def test_small_grid_covers_the_design_within_an_hour_of_cpu():
     assert len({c.data.unique_tokens for c in multi}) == 3
     assert len({c.data.epochs for c in multi}) == 4
     assert len(multi) == 2 * 3 * 3 * 4
-    # Step 1 of the fit: single-epoch runs at every size over a spread of D.
-    single = [c for c in configs if c.data.epochs == 1]
-    assert {c.model.name for c in single} == {"cpu-xs", "cpu-s", "cpu-m"}
-    assert len({c.data.unique_tokens for c in single}) >= 5
+    assert {c.family for c in multi} == {"data_constrained"}  # E = 1 included
+    # Step 1 of the fit: one epoch on fresh data at every size, at D beyond every U.
+    iso = [c for c in configs if c.family == "isoflop"]
+    assert {c.model.name for c in iso} == {"cpu-xs", "cpu-s", "cpu-m"}
+    assert {c.data.epochs for c in iso} == {1}
+    assert {c.data.unique_tokens for c in iso} == set(small.FRESH_TOKENS)
+    assert len(iso) + len(multi) == len(configs)
     seconds = sweep.estimate_cpu_seconds(grid.runs)
     assert seconds is not None and seconds < 60 * 60
 
@@ -257,6 +323,7 @@ def test_run_sweep_trains_records_once_skips_and_resumes(micro_grid, tmp_path, m
         summary = json.loads((workdir / name / "summary.json").read_text())
         assert rec["objective"] == cfg.objective and rec["epochs"] == cfg.data.epochs
         assert rec["unique_tokens"] == 2_000 and rec["grid"] == "micro"
+        assert rec["family"] is None  # the micro grid names no family: dvar fit's rule decides
         assert rec["tokens"] == summary["tokens"] == sweep.num_steps(cfg) * 8 * 32
         assert rec["flops"] == pytest.approx(6 * rec["params"] * rec["tokens"], rel=1e-12)
         assert rec["flops_attention"] > rec["flops"]
@@ -437,6 +504,32 @@ def test_bad_arguments_exit_2_naming_them(argv, message, tmp_path, capsys):
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
     assert not (tmp_path / "w").exists()
+
+
+def _fit_records() -> list[dict]:
+    from test_laws import make_records
+
+    return [dict(r, family="isoflop" if r["epochs"] == 1 else "data_constrained")
+            for r in make_records()]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda rs: [dict(rs[0], name="bad", family="fresh"), *rs[1:]],
+     "dvar fit: record 'bad': family = 'fresh'; allowed 'isoflop', 'data_constrained'"),
+    (lambda rs: [dict(r, family="isoflop") if r["epochs"] > 1 else r for r in rs],
+     "family = 'isoflop' with epochs = 2; an isoFLOP run is one epoch on fresh data"),
+    (lambda rs: [r for r in rs if r["family"] == "data_constrained"] + rs[:4],
+     "step 1 (Chinchilla constants a, b, e, alpha) needs at least 5 isoFLOP runs (family "
+     "'isoflop': one epoch on fresh data"),
+    (lambda rs: [r for r in rs if r["family"] == "isoflop"] + rs[-2:],
+     "step 2 (R_D*, R_N*) needs at least 3 data-constrained runs (family 'data_constrained'"),
+], ids=["unknown-family", "isoflop-over-epochs", "too-few-isoflop", "too-few-data-constrained"])
+def test_fit_with_bad_families_exits_2_naming_them(change, message, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in change(_fit_records())))
+    assert main(["dvar", "fit", f"--results={results}", "--tie_alpha_beta"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
 
 
 def test_plan_with_an_unknown_law_set_lists_the_known_ones(capsys):

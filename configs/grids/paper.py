@@ -2,17 +2,22 @@
 hyperparameters, on your corpus. A superset of the study's ~200 models; pick parts with
 `dvar sweep run --grid=paper --only='ar-*-U100M-*'` (names and shell patterns).
 
-Three families of runs, each for both objectives:
+Three sets of runs, each for both objectives; each run's `family` (its config and results
+record) says which step of `dvar fit` it feeds:
 
-- **multi-epoch** `{obj}-{size}-U{U}-E{E}`: U in {25M, 50M, 100M} unique tokens, sizes from 7M
-  to 2.5B (`SIZES`, roughly log-spaced through the table, with the study's best AR 140M and
-  best diffusion 425M), E in {1, ..., 800} epochs: the data-constrained fit's input (step 2).
-- **isoFLOP** `{obj}-{size}-C{C}-E1`: one epoch on fresh data at C in {6e18, 1e19, 3e19, 1e20},
-  D = C / (6 N), for the sizes of `ISO_SIZES` within `ISO_TOKENS_PER_PARAM` of D/N: the
-  single-epoch Chinchilla fit (step 1), as the study's TRAIN.md.
+- **multi-epoch** `{obj}-{size}-U{U}-E{E}`, family "data_constrained": U in {25M, 50M, 100M}
+  unique tokens, sizes from 7M to 2.5B (`SIZES`, roughly log-spaced through the table, with the
+  study's best AR 140M and best diffusion 425M), E in {1, ..., 800} epochs: the data-constrained
+  fit's input (step 2). The E = 1 runs belong here too: at sizes far above N_opt(U) the plain
+  Chinchilla form of step 1 does not describe them.
+- **isoFLOP** `{obj}-{size}-C{C}-E1`, family "isoflop": one epoch on fresh data at C in
+  {6e18, 1e19, 3e19, 1e20}, D = C / (6 N), for the sizes of `ISO_SIZES` within
+  `ISO_TOKENS_PER_PARAM` of D/N: the single-epoch Chinchilla fit (step 1), the study's
+  "initial fit" on its isoFLOP runs (TRAIN.md).
 - **data value** `{obj}-{size}-C{C}-E{E}`: each objective's compute-optimal (N, D) at 1e19,
   3e19, 1e20 (PAPER.md §4.2), D split into E in {1, 2, 4, 10, 20, 50, 100} epochs over D / E
-  unique tokens (E = 1 is the isoFLOP run itself, trained once).
+  unique tokens. E = 1 is the isoFLOP run itself (trained once, family "isoflop"); E > 1 are
+  "data_constrained" (step 2).
 
 The data: English C4 tokenized with GPT-2's BPE into two token stores by `dvar prepare`
 (README, "Reproduce the study"), given as `--config.data.train_store=...` and
@@ -30,6 +35,7 @@ from dvar_jax.configs.grids import add_run, run_name
 from dvar_jax.configs.models import PAPER_SIZES
 from dvar_jax.configs.recipes import STUDY_VOCAB, study_config
 from dvar_jax.scaling.flops import paper_param_count
+from dvar_jax.scaling.laws import FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP
 
 OBJECTIVES = ("ar", "diffusion")
 UNIQUE_TOKENS = (25_000_000, 50_000_000, 100_000_000)
@@ -64,7 +70,8 @@ def _multi_epoch(grid: dict[str, ConfigDict]) -> None:
             for size in SIZES:
                 for epochs in EPOCHS:
                     add_run(grid, run_name(objective, size, epochs, unique_tokens=unique),
-                            study_config(objective, size, unique, epochs))
+                            study_config(objective, size, unique, epochs),
+                            family=FAMILY_DATA_CONSTRAINED)
 
 
 def _fresh_tokens(flops: float, size: str) -> int:
@@ -82,7 +89,7 @@ def _isoflop(grid: dict[str, ConfigDict]) -> None:
                 continue
             for objective in OBJECTIVES:
                 add_run(grid, run_name(objective, size, 1, compute=flops),
-                        study_config(objective, size, tokens, 1))
+                        study_config(objective, size, tokens, 1), family=FAMILY_ISOFLOP)
 
 
 def _data_value(grid: dict[str, ConfigDict]) -> None:
@@ -90,8 +97,10 @@ def _data_value(grid: dict[str, ConfigDict]) -> None:
         for objective, size in sizes.items():
             tokens = _fresh_tokens(flops, size)
             for epochs in DATA_VALUE_EPOCHS:
+                # One epoch is the budget's isoFLOP run (the same run); more repeat D / E.
+                family = FAMILY_ISOFLOP if epochs == 1 else FAMILY_DATA_CONSTRAINED
                 add_run(grid, run_name(objective, size, epochs, compute=flops),
-                        study_config(objective, size, tokens // epochs, epochs))
+                        study_config(objective, size, tokens // epochs, epochs), family=family)
 
 
 def get_grid() -> list[tuple[str, ConfigDict]]:

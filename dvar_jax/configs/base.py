@@ -15,6 +15,12 @@ def get_config() -> ConfigDict:
     c.objective = "ar"
     # Seed for parameter init, data order, masking and dropout (Megatron default 1234).
     c.seed = 1234
+    # The run's family in a scaling study, i.e. which step of `dvar fit` its results record
+    # feeds (docs/scaling_laws.md): "isoflop" (one epoch on fresh data: step 1),
+    # "data_constrained" (a fixed unique budget U at any epochs: step 2), or "" (none: the fit
+    # classifies the record by its rule for older records). Set by the grids; it does not change
+    # training.
+    c.family = ""
 
     c.model = ConfigDict()
     # A size from configs/models.py (e.g. "140M", "cpu-s"), or "custom" with the dims below.

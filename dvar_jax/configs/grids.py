@@ -9,11 +9,17 @@ compute budget C, epochs E). `dvar sweep list --grid=NAME` prints a grid, `dvar 
 trains it; NAME is a shipped grid (`paper`, `small`, `ablations/...`) or a path to any .py
 file with get_grid().
 
+Each run of a scaling study names its family (`add_run(..., family=...)`, stored as the config's
+`family` and written into its results record): "isoflop" runs feed step 1 of `dvar fit`,
+"data_constrained" runs step 2 (dvar_jax/scaling/laws.py).
+
 A value the user must supply (the paper grid's token stores) is left as `required(key, what)`, a
 string the sweep runner refuses to start with, naming the `--config.KEY=VALUE` to pass.
 """
 
 from ml_collections import ConfigDict
+
+from dvar_jax.scaling.laws import FAMILIES
 
 # Marks a config value that must be overridden before any run starts (see `required`).
 REQUIRED_PREFIX = "<required: --config."
@@ -59,9 +65,20 @@ def run_name(objective: str, size: str, epochs: float, *, unique_tokens: float |
     return f"{objective}-{size}-{budget}-E{epochs:g}"
 
 
-def add_run(grid: dict[str, ConfigDict], name: str, cfg: ConfigDict) -> None:
+def add_run(grid: dict[str, ConfigDict], name: str, cfg: ConfigDict, *,
+            family: str | None = None) -> None:
     """Adds `cfg` under `name`; the same name twice must mean the same run (a data-value run
-    at one epoch is its budget's isoFLOP run, and is trained once)."""
+    at one epoch is its budget's isoFLOP run, and is trained once, family included).
+
+    family: the run's family for the scaling-law fit, stored in the config (`cfg.family`, the
+    one place the sweep's results record takes it from): "isoflop" (one epoch on fresh data,
+    the fit's step 1) or "data_constrained" (a fixed unique budget U at any epochs, step 2);
+    None leaves `cfg.family` as it is."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"grid run {name!r}: family={family!r}; allowed "
+                             f"{', '.join(repr(f) for f in FAMILIES)}")
+        cfg.family = family
     if name in grid and grid[name].to_json() != cfg.to_json():
         raise ValueError(f"grid run {name!r} is defined twice with different configs")
     grid[name] = cfg

@@ -15,11 +15,42 @@ rd_star, rn_star (`make_law` adds the derived A, B, E, G); `fit_laws` returns on
 
 The fit minimises sum_i Huber_delta(LSE(a - alpha log N'_i, b - beta log D'_i, e) - log L_i),
 delta = 1e-3, with scipy's L-BFGS-B from a grid of starts (value and gradient by jax in float64),
-keeping the best. Step 1 fits a, b, e, alpha, beta on single-epoch runs (N' = N, D' = D: the plain
-Chinchilla form); step 2 fits R_D*, R_N* on the multi-epoch runs with step 1's constants frozen.
+keeping the best. Step 1 fits a, b, e, alpha, beta on the isoFLOP runs with the plain Chinchilla
+form (N' = N, D' = D); step 2 fits R_D*, R_N* on the data-constrained runs with step 1's
+constants frozen.
+
+Families. Each results record belongs to one family, its "family" field (set by the grid, in the
+run's config `family`, and written by the sweep):
+
+- "isoflop" (FAMILY_ISOFLOP): one epoch on fresh data (U = D), the study's isoFLOP runs; step 1.
+  The plain Chinchilla form describes such a run while N <= N_opt(D), as on the grids'
+  isoFLOP curves near their optimum.
+- "data_constrained" (FAMILY_DATA_CONSTRAINED): a run at a fixed unique budget U, at any number
+  of epochs, one included; step 2. Its N may be far above N_opt(U), where N' < N even at one
+  epoch, so it must not enter step 1: fitting the Chinchilla form to such E = 1 runs biases every
+  constant (on the paper grid's runs generated from the C4 law, AR's R_D* comes back 12.0
+  instead of 15.39 and R_N* 17.1 instead of 5.31; tests/test_laws.py).
+
+A record without a family (None or "": written before records carried one, or by a grid that
+sets none) is classified by `record_families`' rule, in this order:
+
+1. a run sized from a compute budget, named `...-C<flops>-E<epochs>` by the grids' `run_name`
+   (the paper grid's isoFLOP and data-value runs), is "isoflop" when epochs <= 1, else
+   "data_constrained";
+2. any other run is "isoflop" when epochs <= 1 and no record of the same objective, N and U has
+   more epochs (a one-epoch run with repeated siblings is the start of a data-constrained
+   series), else "data_constrained".
+
+On complete results of the shipped grids this gives their families exactly (checked in
+tests/test_laws.py): paper, rule 1 for the C-named runs and rule 2 for the multi-epoch series;
+small, rule 2, whose fresh-data runs have no siblings. Rule 1 comes first because a paper-grid
+isoFLOP run can share N and U with a data-value run of a 10x budget (diffusion 425M at 1e19, and
+at 1e20 over 10 epochs). Rule 2 misreads a one-epoch run whose series has no record with more
+epochs yet (an unfinished sweep); the fit notes how many records it classified by the rule.
 """
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,7 +64,12 @@ RECORD_KEYS = ("params", "unique_tokens", "epochs", "tokens")
 MUENNIGHOFF_C4 = {"a": 6.255414, "b": 7.3049974, "e": 0.6254804, "alpha": 0.3526596,
                   "beta": 0.3526596, "rd_star": 15.387756, "rn_star": 5.309743}
 
-# A run counts as single-epoch (step 1) when epochs <= 1 up to float noise in the records.
+# The families of runs (see the module docstring): which step of the fit a run feeds.
+FAMILY_ISOFLOP = "isoflop"  # one epoch on fresh data: step 1
+FAMILY_DATA_CONSTRAINED = "data_constrained"  # a fixed unique budget U, any epochs: step 2
+FAMILIES = (FAMILY_ISOFLOP, FAMILY_DATA_CONSTRAINED)
+
+# A run is at most one epoch when epochs <= 1 up to float noise in the records.
 _ONE_EPOCH = 1.0 + 1e-9
 # Minimum runs per fitted step: one more than the free constants, so the fit is overdetermined.
 _STEP1_MIN = {True: 5, False: 6}
@@ -282,32 +318,93 @@ def _finite_positive(value: Any) -> bool:
 # Column of the runs table -> record key (None: the loss key chosen by the caller).
 _COLUMNS = {"N": "params", "D": "tokens", "U": "unique_tokens", "E": "epochs", "L": None}
 
+# A run sized from a compute budget C, as `dvar_jax.configs.grids.run_name` names it:
+# `{objective}-{size}-C{mantissa}e{exponent}-E{epochs}` (e.g. ar-217M-C1e19-E1).
+_COMPUTE_NAME = re.compile(r"-C\d+(\.\d+)?e\+?\d+-E[\d.]+$")
+
+# What the error messages say counts for each step.
+_STEP1_RUNS = (f"isoFLOP runs (family {FAMILY_ISOFLOP!r}: one epoch on fresh data; a record "
+               "without a family counts when epochs <= 1 and it is named ...-C<flops>-E1 or no "
+               "record of its objective, N and U has more epochs)")
+_STEP2_RUNS = (f"data-constrained runs (family {FAMILY_DATA_CONSTRAINED!r}: a fixed unique "
+               "budget U at any epochs; a record without a family counts unless it is an "
+               "isoFLOP run by that rule)")
+
+
+def _record_name(rec: Mapping, i: int) -> str:
+    return str(rec.get("name", f"#{i}"))
+
+
+def _check_record(rec: Mapping, i: int, loss_key: str) -> None:
+    name = _record_name(rec, i)
+    if "objective" not in rec:
+        raise ValueError(f"record {name!r} has no 'objective'; a results record has "
+                         f"objective, {', '.join(RECORD_KEYS)} and {loss_key!r}")
+    if loss_key not in rec:
+        raise ValueError(f"record {name!r} has no {loss_key!r} (it has {sorted(rec)}); "
+                         "pick the loss with loss_key")
+    for key in RECORD_KEYS:
+        if not _finite_positive(rec.get(key)):
+            raise ValueError(f"record {name!r}: {key} = {rec.get(key)!r}; must be a finite "
+                             "number > 0")
+
+
+def record_families(records: Sequence[Mapping]) -> list[tuple[str, bool]]:
+    """(family, given) of each record: family in FAMILIES, given False when the record has no
+    "family" (None or "") and the rule of the module docstring classified it (by its name when
+    the name says it was sized from a compute budget, else by its epochs and siblings).
+
+    records: results records with objective, params, unique_tokens and epochs (finite, > 0).
+    ValueError, naming the record, for a family outside FAMILIES or an "isoflop" record of more
+    than one epoch (an isoFLOP run is one epoch on fresh data)."""
+    # Series of the rule: (objective, N, U) of every record with more than one epoch.
+    repeated = {(str(r["objective"]), float(r["params"]), float(r["unique_tokens"]))
+                for r in records if float(r["epochs"]) > _ONE_EPOCH}
+    out = []
+    for i, rec in enumerate(records):
+        family = rec.get("family")
+        single = float(rec["epochs"]) <= _ONE_EPOCH
+        if family is None or family == "":
+            series = (str(rec["objective"]), float(rec["params"]), float(rec["unique_tokens"]))
+            # Rule 1 (compute-sized names) before rule 2 (siblings): see the module docstring.
+            fresh = single and (_COMPUTE_NAME.search(str(rec.get("name", "")))
+                                or series not in repeated)
+            out.append((FAMILY_ISOFLOP if fresh else FAMILY_DATA_CONSTRAINED, False))
+            continue
+        if family not in FAMILIES:
+            raise ValueError(f"record {_record_name(rec, i)!r}: family = {family!r}; allowed "
+                             f"{', '.join(repr(f) for f in FAMILIES)}, or none (null: "
+                             "classified by the rule of dvar_jax/scaling/laws.py)")
+        if family == FAMILY_ISOFLOP and not single:
+            raise ValueError(f"record {_record_name(rec, i)!r}: family = {family!r} with epochs "
+                             f"= {rec['epochs']!r}; an isoFLOP run is one epoch on fresh data "
+                             "(epochs <= 1): give it family 'data_constrained'")
+        out.append((family, True))
+    return out
+
 
 def _runs_table(records: Iterable[Mapping],
                 loss_key: str) -> tuple[dict[str, dict], dict[str, int]]:
-    """Per objective: arrays N, D, U, epochs, L (float64) of the usable runs, and the number of
-    runs skipped because their loss is not a finite positive number (diverged, or a string such
-    as "nan" written by the results file)."""
+    """Per objective: arrays N, D, U, epochs, L (float64), iso (bool: the isoFLOP family) and
+    inferred (bool: family classified by the rule) of the usable runs, and the number of runs
+    skipped because their loss is not a finite positive number (diverged, or a string such as
+    "nan" written by the results file). Skipped runs still count as series for the rule."""
+    records = list(records)
+    for i, rec in enumerate(records):
+        _check_record(rec, i, loss_key)
+    families = record_families(records)
     table: dict[str, dict[str, list]] = {}
     skipped: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        name = rec.get("name", f"#{i}")
-        if "objective" not in rec:
-            raise ValueError(f"record {name!r} has no 'objective'; a results record has "
-                             f"objective, {', '.join(RECORD_KEYS)} and {loss_key!r}")
-        if loss_key not in rec:
-            raise ValueError(f"record {name!r} has no {loss_key!r} (it has {sorted(rec)}); "
-                             "pick the loss with loss_key")
-        for key in RECORD_KEYS:
-            if not _finite_positive(rec.get(key)):
-                raise ValueError(f"record {name!r}: {key} = {rec.get(key)!r}; must be a finite "
-                                 "number > 0")
+    for rec, (family, given) in zip(records, families, strict=True):
         if not _finite_positive(rec[loss_key]):
             skipped[str(rec["objective"])] = skipped.get(str(rec["objective"]), 0) + 1
             continue
-        cols = table.setdefault(str(rec["objective"]), {k: [] for k in _COLUMNS})
+        cols = table.setdefault(str(rec["objective"]),
+                                {k: [] for k in (*_COLUMNS, "iso", "inferred")})
         for column, key in _COLUMNS.items():
             cols[column].append(float(rec[loss_key if key is None else key]))
+        cols["iso"].append(family == FAMILY_ISOFLOP)
+        cols["inferred"].append(not given)
     return {obj: {k: np.asarray(v) for k, v in cols.items()} for obj, cols in table.items()}, \
         skipped
 
@@ -330,7 +427,7 @@ def _metrics(observed: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def _fit_step1(runs: dict, weights: np.ndarray, tie: bool, starts: np.ndarray) -> np.ndarray:
-    """(a, b, e, alpha, beta) from single-epoch runs (plain Chinchilla form)."""
+    """(a, b, e, alpha, beta) from the isoFLOP runs (plain Chinchilla form)."""
     args = (np.log(runs["N"]), np.log(runs["D"]), np.log(runs["L"]), weights)
     theta, _ = _minimize(_step1_objective, starts, args)
     return np.append(theta, theta[3]) if tie else theta
@@ -366,18 +463,23 @@ def fit_laws(records: Iterable[Mapping], *, loss_key: str = "best_val_loss",
     """Fits the data-constrained law per objective with the study's two steps (PAPER.md §7.2).
 
     records: results records (`dvar_jax.results.read_records`) with objective, params (N),
-    unique_tokens (U), epochs, tokens (D = U epochs) and `loss_key` (nats/token). Runs whose loss
-    is not a finite positive number are skipped (counted in "skipped").
-    Step 1 (a, b, e, alpha, beta; alpha = beta with tie_alpha_beta, as Muennighoff) uses the runs
-    with epochs <= 1, on the plain Chinchilla form. Step 2 (R_D*, R_N*) uses the runs with
-    epochs > 1 (the study's "all multi-epoch runs"; every run with step2_all_runs).
+    unique_tokens (U), epochs, tokens (D = U epochs), `loss_key` (nats/token) and family
+    (FAMILIES; absent or null: classified by `record_families`' rule). Runs whose loss is not a
+    finite positive number are skipped (counted in "skipped").
+    Step 1 (a, b, e, alpha, beta; alpha = beta with tie_alpha_beta, as Muennighoff) uses the
+    isoFLOP runs (family "isoflop": one epoch on fresh data), on the plain Chinchilla form, as the
+    study's "initial fit". Step 2 (R_D*, R_N*) uses the data-constrained runs (family
+    "data_constrained", one epoch included; every run with step2_all_runs).
+    ValueError, naming the objective, the step and which runs count, when a step has too few
+    runs (step 1: 5 tied, 6 untied; step 2: 3); naming the record for a bad record.
     bootstrap > 0: that many resamples of the runs with replacement (per step), refitting step 2
     (and step 1 too with bootstrap_step1) from the full-data optimum and a coarse grid; "ci"
     holds percentile 95% intervals.
 
     Returns {objective: law dict} with the constants (a, b, e, alpha, beta, rd_star, rn_star,
     A, B, E, G) and step1_/step2_ runs, r2 (on L), r2_log (on log L), huber (Huber_delta of log
-    L, mean over runs), huber_sum, skipped, notes; plus "ci" and "bootstrap" when bootstrap > 0.
+    L, mean over runs), huber_sum, skipped, families_inferred (records classified by the rule),
+    notes; plus "ci" and "bootstrap" when bootstrap > 0.
     """
     import jax
 
@@ -399,17 +501,17 @@ def fit_laws(records: Iterable[Mapping], *, loss_key: str = "best_val_loss",
 def _fit_objective(objective: str, runs: dict, loss_key: str, tie: bool, bootstrap: int,
                    rng: np.random.Generator, bootstrap_step1: bool, init_grid: str,
                    step2_all_runs: bool) -> dict:
-    single = runs["E"] <= _ONE_EPOCH
-    runs1 = _select(runs, single)
-    runs2 = runs if step2_all_runs else _select(runs, ~single)
+    iso = runs["iso"]
+    runs1 = _select(runs, iso)
+    runs2 = runs if step2_all_runs else _select(runs, ~iso)
     n1, n2 = len(runs1["L"]), len(runs2["L"])
     if n1 < _STEP1_MIN[tie]:
         raise ValueError(
             f"objective {objective!r}: step 1 (Chinchilla constants a, b, e, alpha"
-            f"{'' if tie else ', beta'}) needs at least {_STEP1_MIN[tie]} single-epoch runs "
-            f"(epochs <= 1), got {n1}")
+            f"{'' if tie else ', beta'}) needs at least {_STEP1_MIN[tie]} {_STEP1_RUNS}, "
+            f"got {n1}")
     if n2 < _STEP2_MIN:
-        which = "runs" if step2_all_runs else "multi-epoch runs (epochs > 1)"
+        which = "runs" if step2_all_runs else _STEP2_RUNS
         raise ValueError(f"objective {objective!r}: step 2 (R_D*, R_N*) needs at least "
                          f"{_STEP2_MIN} {which}, got {n2}")
 
@@ -421,6 +523,14 @@ def _fit_objective(objective: str, runs: dict, loss_key: str, tie: bool, bootstr
     fit = {"objective": objective, **law, "tied_alpha_beta": tie, "loss_key": loss_key,
            "step1_runs": n1, "step2_runs": n2, "notes": []}
     fit["notes"] += _warnings(law)
+    inferred = int(np.sum(runs["inferred"]))
+    fit["families_inferred"] = inferred
+    if inferred:
+        fit["notes"].append(
+            f"{inferred} of {len(runs['L'])} records carry no family (written before records "
+            f"had one): classified by the rule, {FAMILY_ISOFLOP!r} when epochs <= 1 and named "
+            "...-C<flops>-E1 or no record of the same N and U has more epochs (an unfinished "
+            "series misleads it)")
     step1_pred = chinchilla_loss(law, runs1["N"], runs1["D"])
     fit.update({f"step1_{k}": v for k, v in _metrics(runs1["L"], step1_pred).items()})
     law_for_pred = law if math.isfinite(rn) else {**law, "rn_star": 1.0}  # R_N* is unused then
@@ -434,15 +544,15 @@ def _fit_objective(objective: str, runs: dict, loss_key: str, tie: bool, bootstr
 
 def _warnings(law: Mapping) -> list[str]:
     """Notes on constants the runs did not pin down (a fit that is the best of its grid can
-    still be degenerate, e.g. from single-epoch runs spanning too narrow a range of N)."""
+    still be degenerate, e.g. from isoFLOP runs spanning too narrow a range of N)."""
     notes = []
     for k in ("alpha", "beta"):
         if not 0.01 < law[k] < 2.0:
-            notes.append(f"step 1: {k} = {law[k]:.4g} is outside (0.01, 2): the single-epoch runs "
+            notes.append(f"step 1: {k} = {law[k]:.4g} is outside (0.01, 2): the isoFLOP runs "
                          f"do not determine the {'N' if k == 'alpha' else 'D'} term; add runs "
                          "over a wider range of N and D, or tie alpha to beta")
     if not math.isfinite(law["rn_star"]):
-        notes.append("R_N* not identifiable: no multi-epoch run has N > N_opt(U), so the law "
+        notes.append("R_N* not identifiable: no data-constrained run has N > N_opt(U), so the law "
                      "does not depend on it; predictions need runs with larger N")
     for k, name in (("rd_star", "R_D*"), ("rn_star", "R_N*")):
         if math.isfinite(law[k]) and not 1e-3 < law[k] < 1e6:
@@ -524,12 +634,12 @@ def format_fits(fits: Mapping[str, Mapping]) -> str:
         f"{HUBER_DELTA:g}, sum and mean over runs"
         + (f"; [95% CI from {boot} bootstrap resamples]" if boot else ""),
         "",
-        "(a) initial fit, single-epoch runs",
+        "(a) initial fit, isoFLOP runs (one epoch on fresh data)",
         _HEADER,
     ]
     for obj, f in fits.items():
         lines.append(_metric_row(obj, f, "step1"))
-    lines += ["", "(b) second step, multi-epoch runs, step-1 constants frozen",
+    lines += ["", "(b) second step, data-constrained runs, step-1 constants frozen",
               f"{_HEADER}  {'R_D*':<28}{'R_N*':<28}"]
     for obj, f in fits.items():
         lines.append(f"{_metric_row(obj, f, 'step2')}"
