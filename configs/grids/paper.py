@@ -27,6 +27,12 @@ without them. U is the first U tokens of the train store (`data.unique_tokens`),
 U is exactly the U the law is fitted with; the study took the first K = U / 478.6 documents,
 which `--config.data.unique_tokens=0 --config.data.unique_documents=K` reproduces. The isoFLOP
 runs need up to 40B tokens of fresh text; the multi-epoch runs only the first 100M.
+
+Dropout: the study's code ran Megatron's 0.1 on attention and hidden states, and so does this
+grid (`study_config`). On TPU that keeps attention on the xla path (splash has no dropout);
+`--config.model.attention_dropout=0` switches `auto` to splash, faster but unlike the study.
+Layers are scanned with remat "dots"; `dvar plan-memory` and benchmarks/tpu_plan.py show the
+slice and microbatches each size needs at the study's batch.
 """
 
 from ml_collections import ConfigDict
