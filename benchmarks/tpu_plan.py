@@ -53,7 +53,13 @@ def plan_size(size: str, attention_dropout: float) -> dict:
             if (256 // m) % chips:
                 continue
             cfg = study_cfg(size, attention_dropout, chips, m)
-            plan = plan_memory(cfg, devices)
+            try:
+                plan = plan_memory(cfg, devices)
+            except Exception as e:  # a compile failure other than "does not fit": recorded
+                tries.append({"topology": topology, "microbatches": m, "error": str(e)[:2000]})
+                print(f"  {size} {topology} m={m}: compile failed: {str(e)[:300]}",
+                      file=sys.stderr, flush=True)
+                continue
             tries.append({"topology": topology, "microbatches": m, "fits": plan["fits"],
                           "needed_gib": plan["needed_bytes"] / 2**30,
                           "compile_s": plan["compile_s"]})

@@ -147,3 +147,36 @@ def test_kernel_flops_reach_the_roofline():
     model = TransformerConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, head_dim=16,
                               causal=True, remat="dots")
     assert splash_flops(model, batch=8, seq=1024) == 2 * 11 * 2 * 8 * 4 * 1024**2 * 16 * 0.75
+
+
+def test_a_wide_model_gets_loss_tiles_that_fit_vmem():
+    """The study's 2.6B (d = 2560, bfloat16, GPT-2 vocabulary) at the default 256 x 384 tiles
+    asked Mosaic for 16 MiB of VMEM and failed to compile; smaller tiles compile."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from dvar_jax.kernels.common import lowering_for
+    from dvar_jax.kernels.cross_entropy import (
+        VMEM_BUDGET,
+        fit_blocks_to_vmem,
+        fused_cross_entropy,
+        kernel_vmem_bytes,
+    )
+    from dvar_jax.memory_plan import tpu_devices
+
+    # Hand count at 256 x 384, d = 2560, 2 bytes: inputs 2 (256 + 384) 2560 2, output block
+    # twice in bf16 and once in f32, and two f32 logits tiles.
+    assert kernel_vmem_bytes(256, 384, 2560, 2) == (2 * 640 * 2560 * 2 + 2 * 384 * 2560 * 2
+                                                    + 384 * 2560 * 4 + 2 * 256 * 384 * 4)
+    assert fit_blocks_to_vmem(256, 384, 1024, 2) == (256, 384)  # narrow models keep theirs
+    blocks = fit_blocks_to_vmem(256, 384, 2560, 2)
+    assert blocks == (256, 256) and kernel_vmem_bytes(*blocks, 2560, 2) <= VMEM_BUDGET
+
+    on_chip = SingleDeviceSharding(tpu_devices("v5p:2x2x1")[0])
+    shapes = [jax.ShapeDtypeStruct(s, t, sharding=on_chip) for s, t in
+              [((1024, 2560), jnp.bfloat16), ((50304, 2560), jnp.bfloat16),
+               ((1024,), jnp.int32), ((1024,), jnp.float32)]]
+    grads = jax.jit(jax.grad(lambda *a: fused_cross_entropy(*a)[0], argnums=(0, 1)))
+    with lowering_for("tpu"):
+        grads.lower(*shapes).compile()

@@ -77,6 +77,39 @@ def plan_axis(name: str, size: int, block: int) -> tuple[int, int]:
     return block, round_up(size, block)
 
 
+# Mosaic's default scoped VMEM limit is 16 MiB on every TPU generation; a kernel's blocks must
+# fit under it with room for Mosaic's own temporaries.
+VMEM_BUDGET = 12 * 2**20
+
+
+def kernel_vmem_bytes(block_t: int, block_v: int, dim: int, itemsize: int) -> int:
+    """VMEM the largest of the three kernels (dh or dE) holds: double-buffered hidden and
+    embedding blocks and output block, a float32 accumulator of the output block, and the
+    float32 logits tile with its cotangent."""
+    larger = max(block_t, block_v)
+    inputs = 2 * (block_t + block_v) * dim * itemsize
+    output = 2 * larger * dim * itemsize + larger * dim * 4
+    return inputs + output + 2 * block_t * block_v * 4
+
+
+def fit_blocks_to_vmem(block_t: int, block_v: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """The requested blocks, the larger made smaller until the kernels fit VMEM_BUDGET: a wide
+    model (d = 2560 at blocks 256 x 384 needs 14.5 MiB) gets smaller tiles. Blocks above 128
+    step down by 128 (staying lane-aligned), smaller ones halve to a multiple of 8."""
+
+    def smaller(block: int) -> int:
+        return block - 128 if block > 128 else max(SUBLANE, block // 2 // SUBLANE * SUBLANE)
+
+    while kernel_vmem_bytes(block_t, block_v, dim, itemsize) > VMEM_BUDGET:
+        if max(block_t, block_v) <= SUBLANE:
+            break
+        if block_v >= block_t:
+            block_v = smaller(block_v)
+        else:
+            block_t = smaller(block_t)
+    return block_t, block_v
+
+
 def _check_inputs(hidden, embedding, targets, weights) -> None:
     tokens, dim = hidden.shape
     if embedding.ndim != 2 or embedding.shape[1] != dim:
@@ -382,13 +415,18 @@ def fused_cross_entropy(hidden: jax.Array, embedding: jax.Array, targets: jax.Ar
                         interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(weighted_loss_sum, weight_sum) for hidden [T, d], embedding [V, d], targets/weights [T].
 
-    Pallas kernels over (block_t tokens) x (block_v vocabulary rows); never builds [T, V]
-    logits. interpret: None = interpret mode on a CPU backend. See the module docstring for
-    gradients and padding.
+    Pallas kernels over (block_t tokens) x (block_v vocabulary rows), smaller when the model is
+    too wide for VMEM at those blocks (`fit_blocks_to_vmem`); never builds [T, V] logits.
+    interpret: None = interpret mode on a CPU backend. See the module docstring for gradients
+    and padding.
     """
     _check_inputs(hidden, embedding, targets, weights)
     block_t, tokens = plan_axis("block_t", hidden.shape[0], block_t)
     block_v, padded_vocab = plan_axis("block_v", embedding.shape[0], block_v)
+    fitted = fit_blocks_to_vmem(block_t, block_v, hidden.shape[1], hidden.dtype.itemsize)
+    if fitted != (block_t, block_v):
+        block_t, tokens = plan_axis("block_t", hidden.shape[0], fitted[0])
+        block_v, padded_vocab = plan_axis("block_v", embedding.shape[0], fitted[1])
     plan = _Plan(tokens=tokens, vocab=embedding.shape[0], padded_vocab=padded_vocab,
                  block_t=block_t, block_v=block_v, interpret=resolve_interpret(interpret))
     # Padded tokens: zero hidden, target 0, weight 0, so they add nothing to sums or gradients.
