@@ -9,6 +9,7 @@ import dataclasses
 import jax
 from ml_collections import ConfigDict
 
+from dvar_jax.configs.grids import FAMILIES, FAMILY_ISOFLOP
 from dvar_jax.configs.models import MODEL_SIZES
 from dvar_jax.model.attention import ATTENTION_IMPLS
 from dvar_jax.model.output import LOSS_IMPLS
@@ -19,7 +20,6 @@ from dvar_jax.model.transformer import (
     padded_vocab_size,
 )
 from dvar_jax.objectives import Objective, config_problems, objective_from_config
-from dvar_jax.scaling.laws import FAMILIES, FAMILY_ISOFLOP
 from dvar_jax.sharding import distributed_problems, mesh_size_problems, rules_from_config
 
 DIMS = ("d_model", "n_layers", "n_heads", "head_dim")

@@ -37,11 +37,10 @@ slice and microbatches each size needs at the study's batch.
 
 from ml_collections import ConfigDict
 
-from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.grids import FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP, add_run, run_name
 from dvar_jax.configs.models import PAPER_SIZES
 from dvar_jax.configs.recipes import STUDY_VOCAB, study_config
 from dvar_jax.scaling.flops import paper_param_count
-from dvar_jax.scaling.laws import FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP
 
 OBJECTIVES = ("ar", "diffusion")
 UNIQUE_TOKENS = (25_000_000, 50_000_000, 100_000_000)

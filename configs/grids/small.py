@@ -17,9 +17,8 @@ CPU throughput.
 
 from ml_collections import ConfigDict
 
-from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.grids import FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP, add_run, run_name
 from dvar_jax.configs.recipes import small_config
-from dvar_jax.scaling.laws import FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP
 
 OBJECTIVES = ("ar", "diffusion")
 SIZES = ("cpu-xs", "cpu-s", "cpu-m")

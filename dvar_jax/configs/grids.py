@@ -19,7 +19,11 @@ string the sweep runner refuses to start with, naming the `--config.KEY=VALUE` t
 
 from ml_collections import ConfigDict
 
-from dvar_jax.scaling.laws import FAMILIES
+# Which step of the fit a run feeds (`config.family`; dvar_jax/scaling/laws.py): the grid
+# knows what it built, so the grid says it.
+FAMILY_ISOFLOP = "isoflop"  # one epoch on fresh data: step 1
+FAMILY_DATA_CONSTRAINED = "data_constrained"  # a fixed unique budget U, any epochs: step 2
+FAMILIES = (FAMILY_ISOFLOP, FAMILY_DATA_CONSTRAINED)
 
 # Marks a config value that must be overridden before any run starts (see `required`).
 REQUIRED_PREFIX = "<required: --config."

@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from dvar_jax.configs.grids import FAMILIES, FAMILY_DATA_CONSTRAINED, FAMILY_ISOFLOP
+
 HUBER_DELTA = 1e-3  # datablations / the study (PAPER.md §7.2)
 LAW_KEYS = ("a", "b", "e", "alpha", "beta", "rd_star", "rn_star")
 RECORD_KEYS = ("params", "unique_tokens", "epochs", "tokens")
@@ -65,9 +67,6 @@ MUENNIGHOFF_C4 = {"a": 6.255414, "b": 7.3049974, "e": 0.6254804, "alpha": 0.3526
                   "beta": 0.3526596, "rd_star": 15.387756, "rn_star": 5.309743}
 
 # The families of runs (see the module docstring): which step of the fit a run feeds.
-FAMILY_ISOFLOP = "isoflop"  # one epoch on fresh data: step 1
-FAMILY_DATA_CONSTRAINED = "data_constrained"  # a fixed unique budget U, any epochs: step 2
-FAMILIES = (FAMILY_ISOFLOP, FAMILY_DATA_CONSTRAINED)
 
 # A run is at most one epoch when epochs <= 1 up to float noise in the records.
 _ONE_EPOCH = 1.0 + 1e-9
