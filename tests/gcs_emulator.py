@@ -65,7 +65,9 @@ class Emulator:
 
     def __init__(self):
         self._saved = {k: os.environ.get(k) for k in client_env("")}
-        self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log")
+        # Closed by stop(): the server writes to it for the whole session.
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="fake-gcs-server-", suffix=".log")
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._process = subprocess.Popen(

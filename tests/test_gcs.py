@@ -1,11 +1,8 @@
 """Run folders on gs://, against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): training,
 resuming, damaged checkpoints, sweeps, leases, errors before training, token stores."""
 
-import json
 
-import pytest
 
-from dvar_jax import storage
 from dvar_jax.configs.recipes import tiny_config
 from dvar_jax.run_dir import RunDir
 
