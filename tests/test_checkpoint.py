@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dvar_jax import storage
 from dvar_jax.checkpoint import (
     CheckpointError,
     Checkpoints,
@@ -116,7 +117,8 @@ def _run(workdir, corpus, env, *extra):
 
 
 def _records(workdir):
-    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (storage.path(workdir) / "metrics.jsonl").read_text()
+            .splitlines()]
 
 
 def _losses(workdir):
@@ -125,7 +127,7 @@ def _losses(workdir):
 
 
 def _final_params_hash(workdir) -> str:
-    root = Path(workdir) / "checkpoints"
+    root = storage.path(workdir) / "checkpoints"
     step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
     state = ocp.StandardCheckpointer().restore(root / str(step) / "state")
     digest = hashlib.sha256()
@@ -147,7 +149,7 @@ def _leaves(tree, prefix=""):
 
 def _kill_after(proc, workdir, step, sig):
     """Sends `sig` once a train record at >= step has been written."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -218,6 +220,48 @@ def test_a_second_train_on_a_busy_run_is_refused_naming_the_holder(reference, co
     from dvar_jax.run_dir import RunDir
 
     assert RunDir(tmp_path).holder() is None
+
+
+def test_sigkill_then_resume_on_gcs_is_bitwise_identical(reference, corpus, env, gcs_bucket,
+                                                          gcs_emulator):
+    """The same run folder on gs:// (the GCS emulator): killed after a checkpoint committed and
+    a few steps more, then resumed; every logged loss and the final parameters equal the
+    uninterrupted local run's. The killed process's lease is freed at once (its process is
+    gone from this host)."""
+    workdir = f"{gcs_bucket}/runs/killed"
+    env = {**env, **gcs_emulator.env}
+    proc = _start(workdir, corpus, env)
+    fs = storage.filesystem()
+    checkpoints = workdir.removeprefix("gs://") + "/checkpoints"
+    deadline = time.time() + 300
+    while True:  # a save to GCS is slower than local: wait for one to commit, then 2 steps
+        assert proc.poll() is None, f"finished before a kill: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for a committed checkpoint"
+        fs.invalidate_cache()
+        committed = [int(p.split("/")[-2]) for p in fs.glob(f"{checkpoints}/*/commit_success.txt")]
+        metrics = storage.read_object(f"{workdir}/metrics.jsonl")
+        steps = [r["step"] for r in _records_from(metrics[0] if metrics else b"")
+                 if r["kind"] == "train"]
+        if committed and steps and steps[-1] >= max(committed) + 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert storage.path(workdir).joinpath("run.lock").exists()  # left behind by the kill
+    rc, out, err = _run(workdir, corpus, env)
+    assert rc == 0, err[-3000:]
+    assert "resuming" in out, out
+    assert _losses(workdir) == _losses(reference)
+    assert _final_params_hash(workdir) == _final_params_hash(reference)
+
+
+def _records_from(data: bytes) -> list[dict]:
+    out = []
+    for line in data.decode().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
 
 
 @pytest.mark.slow
