@@ -264,6 +264,62 @@ def _records_from(data: bytes) -> list[dict]:
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_sweep_on_gcs_has_one_writer(reference, corpus, env, gcs_bucket,
+                                                  gcs_emulator, tmp_path):
+    """A sweep of one run by two processes joined over loopback (the shape of a multi-host
+    slice), its folder on the GCS emulator: process 0 alone writes config, metrics,
+    TensorBoard, summary and the results record (one of each, no duplicate records); both
+    write their shards of the checkpoints, which orbax commits once."""
+    grid = tmp_path / "grid.py"  # train_worker's TINY run, one epoch
+    grid.write_text(f"""from dvar_jax.configs.base import get_config
+
+
+def get_grid():
+    cfg = get_config()
+    cfg.objective = "diffusion"
+    cfg.data.source, cfg.data.path, cfg.data.vocab_size = "text", {str(corpus)!r}, 400
+    cfg.model.name = "cpu-xs"
+    cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
+    cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 4000, 1.0, 32
+    cfg.data.validation_tokens, cfg.train.batch_size, cfg.train.log_every = 1000, 8, 1
+    cfg.checkpoint.every_steps = 6
+    return [("tiny", cfg)]
+""")
+    workdir = f"{gcs_bucket}/sweep"
+    port = str(_free_port())
+    run_env = {**env, **gcs_emulator.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+               "JAX_PLATFORMS": "cpu"}
+    argv = ["dvar", "sweep", "run", f"--grid={grid}", f"--workdir={workdir}",
+            "--config.distributed=off", "--progress=false"]
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "multihost_train_worker.py"), str(i),
+                               "2", port, *argv], env=run_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    from dvar_jax.results import read_records
+    from dvar_jax.run_dir import RunDir
+
+    assert [r["name"] for r in read_records(f"{workdir}/results.jsonl")] == ["tiny"]
+    run = RunDir(f"{workdir}/tiny")
+    keys = [(r["kind"], r["step"]) for r in run.read_metrics()]
+    assert keys and len(keys) == len(set(keys))
+    assert run.finished_summary()["steps"] == run.checkpoint_steps()[-1]
+    assert len([p for p in run.tensorboard_dir.iterdir()]) == 1  # one event file: process 0's
+    state = run.checkpoint_state_dir(run.checkpoint_steps()[-1])
+    assert {p.name for p in state.iterdir() if p.name.startswith("ocdbt.process_")} == \
+        {"ocdbt.process_0", "ocdbt.process_1"}
+    assert run.holder() is None
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes(reference, corpus, env, tmp_path):
     proc = _start(tmp_path, corpus, env)
