@@ -443,7 +443,7 @@ def test_fetch_from_each_worker_of_a_multi_worker_slice():
 
 def test_fetch_one_worker_defaults_and_absolute_workdir():
     assert dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=runs/ar") == [
-        ["mkdir", "-p", f"tpu-results/{NAME}/paper"],
+        ["mkdir", "-p", f"tpu-results/{NAME}"],
         [*TPU, "scp", "--recurse", f"{NAME}:dvar-jax/runs/ar", f"tpu-results/{NAME}",
          f"--zone={ZONE}", "--worker=0"]]
     assert dry("fetch", f"--name={NAME}", f"--zone={ZONE}", "--workdir=/data/runs/ar",
