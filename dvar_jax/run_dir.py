@@ -229,8 +229,13 @@ class RunDir:
     def _busy(self, holder: dict[str, Any]) -> RunBusyError:
         who = (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
                f"{holder.get('since', '?')})") if holder else "another process"
+        expiry = ""
+        if isinstance(holder.get("expires"), int | float):  # a gs:// lease
+            until = datetime.datetime.fromtimestamp(holder["expires"], datetime.UTC)
+            expiry = (f" (if that process was killed, its lease frees the run at "
+                      f"{until.isoformat(timespec='seconds')})")
         return RunBusyError(f"{self._flag()} is being trained by {who}; wait for it to finish "
-                            "or stop it, or use another workdir")
+                            f"or stop it, or use another workdir{expiry}")
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -391,6 +396,10 @@ class GcsLease:
                 if current is None:
                     continue  # released in between: try again
                 holder, generation = current
+                if {k: holder.get(k) for k in self.me} == self.me:
+                    # Our own write, its reply lost and the upload retried (hence the 412).
+                    self._generation = generation
+                    break
                 if self._live(holder):
                     return holder
                 try:

@@ -377,7 +377,9 @@ def _agreed(decision: bool) -> bool:
 def _check_startable(grid: Grid, runs: list[tuple[str, ConfigDict]], workdir: Path) -> None:
     """Every check that can fail before any training starts: required values still unset, run
     folders holding another config, and token stores that are missing, unfinished, too small
-    or of another tokenizer. ValueError; nothing is written."""
+    or of another tokenizer, a missing bucket or an unwritable folder. ValueError; nothing is
+    written."""
+    RunDir(workdir).check_writable()
     needed: dict[tuple[str, str], tuple[int, ConfigDict]] = {}
     for name, cfg in runs:
         for key in unset_required(cfg):

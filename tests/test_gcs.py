@@ -147,6 +147,13 @@ def test_a_missing_bucket_is_a_clear_error_before_training(gcs_emulator, text_da
     assert not storage.filesystem().exists("no-such-bucket-dvar")
 
 
+def test_a_sweep_into_a_missing_bucket_is_refused_before_any_run(gcs_emulator, capsys):
+    rc = main(["dvar", "sweep", "run", "--grid=small", "--workdir=gs://no-such-bucket-dvar/s"])
+    assert rc == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bucket gs://no-such-bucket-dvar does not exist" in line, line
+
+
 def test_an_unwritable_gcs_prefix_is_a_clear_error_before_training(gcs_bucket, text_data_cfg,
                                                                    capsys, monkeypatch):
     """The emulator has no IAM: the 403 a read-only account gets is made by hand."""
