@@ -351,8 +351,10 @@ class GcsLease:
         self._generation: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # "lease" tells this holder from another in the same process (a test, a notebook).
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+                   "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   "lease": uuid.uuid4().hex}
 
     def _content(self) -> bytes:
         return json.dumps(self.me | {"expires": time.time() + LEASE_SECONDS}).encode()
