@@ -432,7 +432,9 @@ class GcsLease:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # Bounded: a renewal stuck on the network must not keep a finished run from exiting
+            # (the lease then expires by itself).
+            self._thread.join(timeout=60)
         if self._generation is not None:
             storage.delete_object(self.where, self._generation)
             self._generation = None
