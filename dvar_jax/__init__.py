@@ -66,6 +66,10 @@ def _gcs_through_gcsfs() -> None:
     # bucket first (a minute of retries where that API is unreachable, as with an emulator);
     # run folders live in standard buckets.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # gcsfs keeps every folder listing for the life of the process; objects written by other
+    # processes (another host's checkpoint shards, another sweep's runs) or by TensorStore would
+    # stay unseen. Run folders are listed rarely: always ask GCS.
+    os.environ.setdefault("FSSPEC_GCS_USE_LISTINGS_CACHE", "false")
 
 
 _quiet_start_up()

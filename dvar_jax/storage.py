@@ -61,6 +61,17 @@ def filesystem():
     return fsspec.filesystem("gcs")
 
 
+def _no_listings_cache() -> None:
+    """What FSSPEC_GCS_USE_LISTINGS_CACHE=false (set by importing dvar_jax) does, for a process
+    that imported fsspec before dvar_jax: folder listings always come from GCS."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listings_cache()
+
+
 def _object_url(bucket: str, key: str) -> str:
     return f"{filesystem()._location}/storage/v1/b/{quote(bucket, safe='')}/o/{quote(key, safe='')}"
 
