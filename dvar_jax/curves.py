@@ -9,6 +9,8 @@ import fnmatch
 import re
 from pathlib import Path
 
+from dvar_jax import storage
+from dvar_jax.files import write_atomically
 from dvar_jax.run_dir import read_metrics
 
 # (epoch, validation loss) points of one run, in training order.
@@ -28,7 +30,7 @@ def read_curves(workdir: str | Path, only: str = "") -> dict[str, Curve]:
     ValueError when workdir is not a folder, or when no run (or none matching `only`) has an
     evaluation yet.
     """
-    root = Path(workdir)
+    root = storage.path(workdir)
     if not root.is_dir():
         raise ValueError(f"--workdir={str(workdir)!r} is not a folder; allowed: a sweep folder "
                          "of run folders (dvar sweep run --workdir=...)")
@@ -67,8 +69,7 @@ def plot_curves(curves: dict[str, Curve], out: str | Path, title: str = "") -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in curves.items():
         epochs, losses = zip(*points, strict=True)
@@ -79,6 +80,6 @@ def plot_curves(curves: dict[str, Curve], out: str | Path, title: str = "") -> P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return out

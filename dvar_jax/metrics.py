@@ -5,34 +5,105 @@ Records have `kind` "train" (loss, lr, grad_norm, tokens, epoch, tokens_per_s, m
 run folder (`dvar_jax.run_dir`) gives the paths, and readers use `RunDir.read_metrics`.
 """
 
+import io
 import json
 import math
+import os
 from pathlib import Path
 
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
+from dvar_jax import storage
 from dvar_jax.files import write_atomically
 
 
 class MetricsWriter:
-    """Appends records to the metrics file at `path` and scalars to `tensorboard_dir`."""
+    """Appends records to the metrics file at `path` and scalars to `tensorboard_dir`.
 
-    def __init__(self, path: Path, tensorboard_dir: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = SummaryWriter(str(tensorboard_dir))
+    On gs:// (objects cannot be appended to) the writer keeps the file's lines and uploads the
+    whole object after each record: one small upload a log line, and the object always holds
+    every record written so far, as the local file does. TensorBoard's event file is kept in
+    memory and uploaded whole on each of tensorboardX's flushes and at close
+    (`_GcsEventFile`)."""
+
+    def __init__(self, path: "Path | os.PathLike", tensorboard_dir: "Path | os.PathLike"):
+        self.path = storage.path(path)
+        self._gcs = storage.is_gcs(path)
+        self._lines = b""
+        if self._gcs:
+            self._lines = self.path.read_bytes() if self.path.exists() else b""
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = SummaryWriter(os.fspath(tensorboard_dir))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         record = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        # One write call per complete line, flushed: a reader (or a crash) never sees half a record.
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._gcs:
+            self._lines += line.encode()
+            write_atomically(self.path, self._lines)
+        else:
+            # One write call per complete line, flushed: a reader (or a crash) never sees half
+            # a record.
+            with self.path.open("a") as f:
+                f.write(line)
         for key, value in record.items():
             if key not in ("kind", "step") and isinstance(value, float | int):
                 self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
     def close(self) -> None:
         self._tb.close()
+
+
+class NoMetricsWriter:
+    """What a multi-host run's processes other than 0 write: nothing (one writer per run)."""
+
+    path = None
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _GcsEventFile:
+    """A TensorBoard event file on gs://: bytes kept in memory, the whole uploaded when
+    tensorboardX flushes (every flush_secs, and at close). Replaces tensorboardX's own gs://
+    writer, which needs google-cloud-storage and uploads once more from `__del__`, at
+    interpreter exit, where an unreachable bucket hangs the exit in retries."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._buffer = io.BytesIO()
+        self._uploaded = -1
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        if self._buffer.tell() != self._uploaded:
+            write_atomically(self.path, self._buffer.getvalue())
+            self._uploaded = self._buffer.tell()
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+
+class _GcsEventFiles:
+    """tensorboardX's writer factory for the gs:// prefix."""
+
+    def open(self, path: str) -> _GcsEventFile:
+        return _GcsEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # GCS has no folders to create
+
+
+record_writer.register_writer_factory("gs", _GcsEventFiles())
 
 
 def _plain(value):
@@ -70,7 +141,7 @@ def _parse(path: Path) -> list[dict]:
     step will be trained and logged again; a bad line anywhere else, or a bad last line that
     was written whole, is damage the user must look at, and nothing is changed.
     """
-    lines = path.read_bytes().splitlines(keepends=True)
+    lines = storage.path(path).read_bytes().splitlines(keepends=True)
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -89,14 +160,14 @@ def _parse(path: Path) -> list[dict]:
     return records
 
 
-def read_metrics_file(path: Path, kind: str | None = None) -> list[dict]:
+def read_metrics_file(path: "Path | os.PathLike", kind: str | None = None) -> list[dict]:
     """All records of the metrics file at `path` (optionally one kind), in the order written."""
-    return [r for r in _parse(Path(path)) if kind is None or r["kind"] == kind]
+    return [r for r in _parse(storage.path(path)) if kind is None or r["kind"] == kind]
 
 
-def keep_metrics_through(path: Path, step: int) -> None:
+def keep_metrics_through(path: "Path | os.PathLike", step: int) -> None:
     """Drops the records of steps after `step` (work a resumed run will redo), atomically."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.exists():
         return
     kept = [r for r in _parse(path) if r["step"] <= step]

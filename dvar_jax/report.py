@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dvar_jax.files import write_atomically
 from dvar_jax.run_dir import read_metrics
 
 
@@ -44,7 +45,8 @@ def plot_curves(runs: dict[str, Path], out_path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    # Through write_atomically: out_path may be on gs://, and a kill leaves no half PNG.
+    write_atomically(out_path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

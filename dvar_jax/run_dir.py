@@ -7,13 +7,14 @@
       checkpoints/<step>/   orbax checkpoints (`dvar_jax.checkpoint`)
       summary.json          written once the run has completed
       eval.jsonl            one record per `dvar eval`
-      run.lock              held (flock) by the one process training the run: host, pid
+      run.lock              held by the one process training the run: host, pid (an flock
+                            locally; on gs:// a lease object, `GcsLease`)
 
 A sweep folder holds one run folder per run name and `results.jsonl`; a demo folder one run
 folder per objective, `report.md`, `curves.png` and `summary.json`. Every path of a run
 folder is built here, and every reader of a run's state (the saved config, the finished
-summary, which checkpoint is best) asks here: a run folder somewhere else than a local disk
-changes this module and the writers, not their callers.
+summary, which checkpoint is best) asks here. A run folder is a local path or gs://BUCKET/PATH
+(`dvar_jax.storage`): paths here are pathlib.Path or etils.epath.Path alike.
 """
 
 import contextlib
@@ -23,12 +24,16 @@ import json
 import os
 import socket
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ml_collections import ConfigDict
 
+from dvar_jax import storage
 from dvar_jax.configs.base import get_config
 from dvar_jax.files import write_atomically
 from dvar_jax.metrics import MetricsWriter, keep_metrics_through, read_metrics_file
@@ -76,10 +81,10 @@ def _flat(cfg: ConfigDict) -> dict[str, Any]:
 
 
 class RunDir:
-    """One run's folder: its paths, and what its files say."""
+    """One run's folder (local or gs://): its paths, and what its files say."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike):
+        self.root = storage.path(root)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -215,8 +220,6 @@ class RunDir:
         """Where the train state of the checkpoint at `step` is (an orbax item folder)."""
         return self.checkpoints_dir / str(step) / "state"
 
-    # -- writability -------------------------------------------------------------------------
-
     # -- one writer --------------------------------------------------------------------------
 
     @property
@@ -226,14 +229,30 @@ class RunDir:
     def _busy(self, holder: dict[str, Any]) -> RunBusyError:
         who = (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
                f"{holder.get('since', '?')})") if holder else "another process"
+        expiry = ""
+        if isinstance(holder.get("expires"), int | float):  # a gs:// lease
+            until = datetime.datetime.fromtimestamp(holder["expires"], datetime.UTC)
+            expiry = (f" (if that process was killed, its lease frees the run at "
+                      f"{until.isoformat(timespec='seconds')})")
         return RunBusyError(f"{self._flag()} is being trained by {who}; wait for it to finish "
-                            "or stop it, or use another workdir")
+                            f"or stop it, or use another workdir{expiry}")
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Holds the run folder for this process while training it (creating the folder), or
-        raises RunBusyError naming the live process that holds it. An flock: the kernel drops
-        it when its holder exits or is killed, so no lock outlives its process."""
+        raises RunBusyError naming the live process that holds it. Locally an flock: the kernel
+        drops it when its holder exits or is killed, so no lock outlives its process. On gs://
+        a lease object (`GcsLease`) that a killed holder leaves to expire."""
+        if storage.is_gcs(self.root):
+            lease = GcsLease(self.lock_path)
+            holder = lease.acquire()
+            if holder is not None:
+                raise self._busy(holder)
+            try:
+                yield
+            finally:
+                lease.release()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -252,6 +271,8 @@ class RunDir:
     def holder(self) -> dict[str, Any] | None:
         """{host, pid, since} of the live process training this run, or None when none does
         (a probe: it takes and drops the lock, creating nothing)."""
+        if storage.is_gcs(self.root):
+            return GcsLease(self.lock_path).live_holder()
         if not self.lock_path.exists():
             return None
         fd = os.open(self.lock_path, os.O_RDWR)
@@ -271,7 +292,11 @@ class RunDir:
 
     def check_writable(self) -> None:
         """ValueError unless the folder is one this process can write, or can be created in
-        one (the nearest existing parent). Creates nothing."""
+        one (the nearest existing parent). Creates nothing (on gs://: a probe object, removed
+        again; a missing bucket is named)."""
+        if storage.is_gcs(self.root):
+            self._check_gcs_writable()
+            return
         root = self.root
         if root.exists() and not root.is_dir():
             raise ValueError(f"{self._flag()} is a file, not a folder; give a folder (an "
@@ -292,6 +317,129 @@ class RunDir:
                     "writable, or give a folder you can write to") from None
 
 
+    def _check_gcs_writable(self) -> None:
+        storage.check_bucket(self.root)
+        if self.root.is_file():
+            raise ValueError(f"{self._flag()} is an object, not a folder; give a folder (an "
+                             "existing run to resume, or a new one)")
+        probe = self.root / f".dvar-write-probe-{uuid.uuid4().hex}"
+        try:
+            storage.delete_object(probe, storage.create_object(probe, b""))
+        except OSError as e:  # gcsfs: HTTP 403 as OSError("Forbidden: ...")
+            raise ValueError(
+                f"{self._flag()} is not writable ({str(e).splitlines()[0]}); nothing was "
+                "changed. Grant this account roles/storage.objectUser on the bucket, or give "
+                "a folder you can write to") from None
+
+
+# A gs:// lease lasts this long unless its holder renews it (every LEASE_SECONDS / 5), so a
+# holder that was killed frees the run after at most this long; one on this host whose process
+# is gone frees it at once.
+LEASE_SECONDS = 300.0
+
+
+class GcsLease:
+    """A run's one-writer lock on GCS, which has no flock: the object WORKDIR/run.lock, created
+    only if absent (generation precondition 0), holding {host, pid, since, expires}. Its holder
+    renews `expires` from a thread, each time only if the object is still the generation it
+    wrote; release deletes it. A lease past `expires`, or held by a process of this host that
+    no longer exists, is stale and may be taken over, again with a precondition on the stale
+    generation, so two takers cannot both win."""
+
+    def __init__(self, where: Any):
+        self.where = where
+        self._generation: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # "lease" tells this holder from another in the same process (a test, a notebook).
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   "lease": uuid.uuid4().hex}
+
+    def _content(self) -> bytes:
+        return json.dumps(self.me | {"expires": time.time() + LEASE_SECONDS}).encode()
+
+    @staticmethod
+    def _live(holder: dict[str, Any]) -> bool:
+        if float(holder.get("expires", 0)) < time.time():
+            return False
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return False  # killed on this very host: no need to wait for the expiry
+            except PermissionError:
+                pass
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], int] | None:
+        current = storage.read_object(self.where)
+        if current is None:
+            return None
+        try:
+            holder = json.loads(current[0].decode() or "{}")
+        except ValueError:
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), current[1]
+
+    def live_holder(self) -> dict[str, Any] | None:
+        """{host, pid, since, expires} of the live holder, or None."""
+        current = self._read()
+        return current[0] if current is not None and self._live(current[0]) else None
+
+    def acquire(self) -> dict[str, Any] | None:
+        """Takes the lease (None) or returns the live holder's record, taking nothing."""
+        for _ in range(3):
+            try:
+                self._generation = storage.create_object(self.where, self._content())
+                break
+            except storage.PreconditionFailedError:
+                current = self._read()
+                if current is None:
+                    continue  # released in between: try again
+                holder, generation = current
+                if {k: holder.get(k) for k in self.me} == self.me:
+                    # Our own write, its reply lost and the upload retried (hence the 412).
+                    self._generation = generation
+                    break
+                if self._live(holder):
+                    return holder
+                try:
+                    self._generation = storage.replace_object(self.where, self._content(),
+                                                              generation)
+                    break
+                except storage.PreconditionFailedError:
+                    continue  # another process took it over first: look again
+        else:
+            current = self._read()
+            return current[0] if current is not None else {}
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="dvar-lease")
+        self._thread.start()
+        return None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 5):
+            try:
+                self._generation = storage.replace_object(self.where, self._content(),
+                                                          self._generation)
+            except storage.PreconditionFailedError:
+                print(f"warning: lost the lease {self.where} (not renewed for "
+                      f"{LEASE_SECONDS:g} s, taken over by another process)", flush=True)
+                return
+            except OSError as e:  # a network hiccup: the next renewal may succeed
+                print(f"warning: could not renew the lease {self.where}: {e}", flush=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            # Bounded: a renewal stuck on the network must not keep a finished run from exiting
+            # (the lease then expires by itself).
+            self._thread.join(timeout=60)
+        if self._generation is not None:
+            storage.delete_object(self.where, self._generation)
+            self._generation = None
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     """What the holder of a lock file wrote about itself (empty if it has not yet)."""
     try:
@@ -309,10 +457,11 @@ def _probe_write(folder: Path) -> None:
 
 
 class DemoDir:
-    """A demo's folder: one run folder per objective, report.md, curves.png, summary.json."""
+    """A demo's folder (local or gs://): one run folder per objective, report.md, curves.png,
+    summary.json."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike):
+        self.root = storage.path(root)
 
     def run_path(self, objective_name: str) -> Path:
         return self.root / objective_name
@@ -330,11 +479,11 @@ class DemoDir:
         return self.root / SUMMARY_FILE
 
 
-def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """The metric records of the run in `workdir` (see `RunDir.read_metrics`)."""
     return RunDir(workdir).read_metrics(kind)
 
 
-def sweep_results_path(workdir: str | Path) -> Path:
+def sweep_results_path(workdir: str | os.PathLike) -> Path:
     """The results file of a sweep folder (one record per finished run)."""
-    return Path(workdir) / RESULTS_FILE
+    return storage.path(workdir) / RESULTS_FILE

@@ -3,8 +3,11 @@ append one record per finished run to a results file (`dvar sweep list`, `dvar s
 
 A grid (configs/grids/) is a list of (name, config); run NAME lives in WORKDIR/NAME. A run is
 done when its summary.json says completed and its record is in the results file (default
-WORKDIR/results.jsonl). Records are appended under a lock and never twice for one name, so any
-number of sweep processes may share a results file.
+WORKDIR/results.jsonl). Records are appended under a lock (on gs://: a generation
+precondition) and never twice for one name, so any number of sweep processes may share a
+results file. WORKDIR may be gs://BUCKET/PATH. On a multi-host slice every process runs the
+sweep together (each run is one multi-host training); process 0 decides what to skip and alone
+appends the records.
 """
 
 import copy
@@ -22,6 +25,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from dvar_jax import storage
 from dvar_jax.configs.grids import run_name, unset_required
 from dvar_jax.objectives import objective_from_config
 from dvar_jax.results import append_once, recorded_names
@@ -360,10 +364,25 @@ class SweepResult:
     commands: list[str] | None = None  # --emit-commands: one line per run not done
 
 
+def _agreed(decision: bool) -> bool:
+    """Process 0's `decision`, on every process of a multi-host sweep: they train each run
+    together, so they must skip the same runs even when a file changed between their reads."""
+    import jax
+
+    if jax.process_count() == 1:
+        return decision
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+
+
 def _check_startable(grid: Grid, runs: list[tuple[str, ConfigDict]], workdir: Path) -> None:
     """Every check that can fail before any training starts: required values still unset, run
     folders holding another config, and token stores that are missing, unfinished, too small
-    or of another tokenizer. ValueError; nothing is written."""
+    or of another tokenizer, a missing bucket or an unwritable folder. ValueError; nothing is
+    written."""
+    RunDir(workdir).check_writable()
     needed: dict[tuple[str, str], tuple[int, ConfigDict]] = {}
     for name, cfg in runs:
         for key in unset_required(cfg):
@@ -414,8 +433,8 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
     the current run saved.
     """
     workdir_text = str(workdir)
-    workdir = Path(workdir)
-    results_path = Path(results) if results else sweep_results_path(workdir)
+    workdir = storage.path(workdir)
+    results_path = storage.path(results) if results else sweep_results_path(workdir)
     runs = with_overrides(select(grid, only), override_config)
     _check_startable(grid, runs, workdir)
     recorded = recorded_names(results_path)
@@ -427,19 +446,23 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
                         if not (name in recorded and RunDir(workdir / name).finished_summary())]
         return out
 
+    import jax
+
     from dvar_jax.train import NonFiniteError, train  # heavy: only when training
 
+    writes = jax.process_index() == 0  # one writer of the results, as of each run's files
     for i, (name, cfg) in enumerate(runs, start=1):
         run_dir = workdir / name
         step = f"[{i}/{len(runs)}] {name}"
         summary = RunDir(run_dir).finished_summary()
-        if summary is not None and name in recorded:
+        if _agreed(summary is not None and name in recorded):
             out.skipped.append(name)
             log(f"{step}: done, skipped")
             continue
-        if summary is None:
+        if _agreed(summary is None):
             holder = RunDir(run_dir).holder()
-            if holder is not None:  # another worker of the sweep trains it and records it
+            if _agreed(holder is not None):  # another worker trains it and records it
+                holder = holder or {}
                 out.busy.append(name)
                 log(f"{step}: held by process {holder.get('pid', '?')} on host "
                     f"{holder.get('host', '?')}, skipped")
@@ -463,7 +486,8 @@ def run_sweep(grid: Grid, workdir: str | Path, *, results: str | Path | None = N
                 return out
             out.trained.append(name)
             summary = s._asdict()
-        if append_once(results_path, make_record(grid, name, cfg, summary, run_dir)):
+        if writes and append_once(results_path,
+                                  make_record(grid, name, cfg, summary, run_dir)):
             out.recorded.append(name)
         log(f"{step}: best validation loss {summary['best_val_loss']:.4f}, final "
             f"{summary['final_val_loss']:.4f} -> {results_path}")

@@ -9,11 +9,11 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dvar_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
 from dvar_jax.config import transformer_config, validate_config
 from dvar_jax.data.pipeline import TrainBatches, open_run_data, validation_windows
-from dvar_jax.metrics import MetricsWriter
+from dvar_jax.metrics import MetricsWriter, NoMetricsWriter
 from dvar_jax.objectives import objective_from_config
 from dvar_jax.perf import measure_matmul_peak
 from dvar_jax.run_dir import RunDir
@@ -73,11 +73,13 @@ def _matmul_peak() -> float:
     return measure_matmul_peak()
 
 
-def train(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = None,
+def train(cfg: ConfigDict, workdir: str | os.PathLike, *, progress: bool | None = None,
           override: bool = False) -> RunSummary:
     """Trains one model as `cfg` says into workdir (config.json, metrics.jsonl, summary.json,
     tb/, checkpoints/), resuming from its latest readable checkpoint if it has one.
 
+    workdir is a local folder or gs://BUCKET/PATH. On a multi-host run only process 0 writes
+    the run's files; every process writes its shards of the checkpoints.
     A workdir trained with a different run-defining config is refused unless `override`.
     SIGTERM finishes the current step, saves, and returns with `completed=False`.
     """
@@ -200,9 +202,11 @@ class _Loop:
             progress = sys.stderr.isatty()
         self.show_progress = progress
 
-        # One writer per run: process 0 holds the folder until the loop ends. Taken only now,
-        # just before the folder is first written, so a run refused earlier creates nothing.
-        if jax.process_index() == 0:
+        # One writer per run: process 0 holds the folder until the loop ends and alone writes
+        # config, metrics, TensorBoard and summary (orbax coordinates the checkpoints). Taken
+        # only now, just before the folder is first written, so a refused run creates nothing.
+        self.writes = jax.process_index() == 0
+        if self.writes:
             held.enter_context(run.hold())
         self.checkpoints = Checkpoints(run.root, cfg.checkpoint.keep)
         # pending: (step, metrics) of the steps not yet logged; saved with each checkpoint so a
@@ -212,10 +216,15 @@ class _Loop:
         self.start_step = restored_step or 0
         # Only now, with the data loaded and the checkpoint (if any) restored: a run refused
         # earlier must not replace the config of the run the workdir holds.
-        run.write_config(cfg)
-        run.keep_metrics_through(-1 if restored_step is None else restored_step)
-        self.writer: MetricsWriter = run.metrics_writer()
-        kept = run.read_metrics() if self.writer.path.exists() else []
+        kept_through = -1 if restored_step is None else restored_step
+        if self.writes:
+            run.write_config(cfg)
+            run.keep_metrics_through(kept_through)
+        self.writer: MetricsWriter | NoMetricsWriter = (run.metrics_writer() if self.writes
+                                                        else NoMetricsWriter())
+        # Filtered here too: the other processes may read before process 0 has truncated.
+        kept = [r for r in (run.read_metrics() if run.metrics_path.exists() else [])
+                if r["step"] <= kept_through]
         self.history = [(r["epoch"], r["val_loss"]) for r in kept if r["kind"] == "eval"]
         self.skipped_total = int(sum(r.get("skipped", 0) for r in kept if r["kind"] == "train"))
 
@@ -335,6 +344,6 @@ class _Loop:
         summary = RunSummary(self.cfg.objective, self.n_params, best, best_epoch,
                              self.history[-1][1], done, done * self.tokens_per_step, completed,
                              self.skipped_total, self.batches.unique_tokens)
-        if completed:
+        if completed and self.writes:
             self.run_dir.write_summary(summary._asdict())
         return summary

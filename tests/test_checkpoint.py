@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dvar_jax import storage
 from dvar_jax.checkpoint import (
     CheckpointError,
     Checkpoints,
@@ -116,7 +117,8 @@ def _run(workdir, corpus, env, *extra):
 
 
 def _records(workdir):
-    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (storage.path(workdir) / "metrics.jsonl").read_text()
+            .splitlines()]
 
 
 def _losses(workdir):
@@ -125,7 +127,7 @@ def _losses(workdir):
 
 
 def _final_params_hash(workdir) -> str:
-    root = Path(workdir) / "checkpoints"
+    root = storage.path(workdir) / "checkpoints"
     step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
     state = ocp.StandardCheckpointer().restore(root / str(step) / "state")
     digest = hashlib.sha256()
@@ -147,7 +149,7 @@ def _leaves(tree, prefix=""):
 
 def _kill_after(proc, workdir, step, sig):
     """Sends `sig` once a train record at >= step has been written."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -218,6 +220,105 @@ def test_a_second_train_on_a_busy_run_is_refused_naming_the_holder(reference, co
     from dvar_jax.run_dir import RunDir
 
     assert RunDir(tmp_path).holder() is None
+
+
+def test_sigkill_then_resume_on_gcs_is_bitwise_identical(reference, corpus, env, gcs_bucket,
+                                                          gcs_emulator):
+    """The same run folder on gs:// (the GCS emulator): killed after a checkpoint committed and
+    a few steps more, then resumed; every logged loss and the final parameters equal the
+    uninterrupted local run's. The killed process's lease is freed at once (its process is
+    gone from this host)."""
+    workdir = f"{gcs_bucket}/runs/killed"
+    env = {**env, **gcs_emulator.env}
+    proc = _start(workdir, corpus, env)
+    fs = storage.filesystem()
+    checkpoints = workdir.removeprefix("gs://") + "/checkpoints"
+    deadline = time.time() + 300
+    while True:  # a save to GCS is slower than local: wait for one to commit, then 2 steps
+        assert proc.poll() is None, f"finished before a kill: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for a committed checkpoint"
+        fs.invalidate_cache()
+        committed = [int(p.split("/")[-2]) for p in fs.glob(f"{checkpoints}/*/commit_success.txt")]
+        metrics = storage.read_object(f"{workdir}/metrics.jsonl")
+        steps = [r["step"] for r in _records_from(metrics[0] if metrics else b"")
+                 if r["kind"] == "train"]
+        if committed and steps and steps[-1] >= max(committed) + 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert storage.path(workdir).joinpath("run.lock").exists()  # left behind by the kill
+    rc, out, err = _run(workdir, corpus, env)
+    assert rc == 0, err[-3000:]
+    assert "resuming" in out, out
+    assert _losses(workdir) == _losses(reference)
+    assert _final_params_hash(workdir) == _final_params_hash(reference)
+
+
+def _records_from(data: bytes) -> list[dict]:
+    out = []
+    for line in data.decode().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_sweep_on_gcs_has_one_writer(reference, corpus, env, gcs_bucket,
+                                                  gcs_emulator, tmp_path):
+    """A sweep of one run by two processes joined over loopback (the shape of a multi-host
+    slice), its folder on the GCS emulator: process 0 alone writes config, metrics,
+    TensorBoard, summary and the results record (one of each, no duplicate records); both
+    write their shards of the checkpoints, which orbax commits once."""
+    grid = tmp_path / "grid.py"  # train_worker's TINY run, one epoch
+    grid.write_text(f"""from dvar_jax.configs.base import get_config
+
+
+def get_grid():
+    cfg = get_config()
+    cfg.objective = "diffusion"
+    cfg.data.source, cfg.data.path, cfg.data.vocab_size = "text", {str(corpus)!r}, 400
+    cfg.model.name = "cpu-xs"
+    cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
+    cfg.data.unique_tokens, cfg.data.epochs, cfg.data.seq_len = 4000, 1.0, 32
+    cfg.data.validation_tokens, cfg.train.batch_size, cfg.train.log_every = 1000, 8, 1
+    cfg.checkpoint.every_steps = 6
+    return [("tiny", cfg)]
+""")
+    workdir = f"{gcs_bucket}/sweep"
+    port = str(_free_port())
+    run_env = {**env, **gcs_emulator.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+               "JAX_PLATFORMS": "cpu"}
+    argv = ["dvar", "sweep", "run", f"--grid={grid}", f"--workdir={workdir}",
+            "--config.distributed=off", "--progress=false"]
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "multihost_train_worker.py"), str(i),
+                               "2", port, *argv], env=run_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        f"process {i}: {out[-1500:]}\n{err[-2500:]}" for i, (out, err) in enumerate(outputs))
+    from dvar_jax.results import read_records
+    from dvar_jax.run_dir import RunDir
+
+    assert [r["name"] for r in read_records(f"{workdir}/results.jsonl")] == ["tiny"]
+    run = RunDir(f"{workdir}/tiny")
+    keys = [(r["kind"], r["step"]) for r in run.read_metrics()]
+    assert keys and len(keys) == len(set(keys))
+    assert run.finished_summary()["steps"] == run.checkpoint_steps()[-1]
+    assert len([p for p in run.tensorboard_dir.iterdir()]) == 1  # one event file: process 0's
+    state = run.checkpoint_state_dir(run.checkpoint_steps()[-1])
+    assert {p.name for p in state.iterdir() if p.name.startswith("ocdbt.process_")} == \
+        {"ocdbt.process_0", "ocdbt.process_1"}
+    assert run.holder() is None
 
 
 @pytest.mark.slow

@@ -511,6 +511,45 @@ def test_workflow_on_a_multi_worker_slice():
         [*QR, "delete", f"{NAME}-qr", f"--zone={ZONE}", "--force", "--quiet"]]
 
 
+def test_multi_host_v5p_32_slice_trains_and_sweeps_in_a_gs_workdir(tmp_path):
+    """A v5p-32 (4 workers, no shared disk): train and a grid sweep on every worker, both in
+    gs:// run folders that all workers see; fetch syncs from the bucket, not per worker."""
+    env = {"TPU_NAME": NAME, "TPU_ZONE": ZONE, "TPU_TYPE": "v5p-32", "TPU_QUEUED": "1"}
+    (create,) = dry("create", "--spot", env=env)
+    assert "--accelerator-type=v5p-32" in create
+    (train,) = dry("train", "--workdir=gs://my-bucket/runs/v5p", "--",
+                   "--config.objective=diffusion", env=env)
+    assert (".venv/bin/dvar train --workdir=gs://my-bucket/runs/v5p --config.objective=diffusion"
+            in remote_of(train))  # remote_of: on --worker=all
+    (sweep,) = dry("sweep", "--grid=paper", "--workdir=gs://my-bucket/sweeps/paper", "--",
+                   "--only=ar-*", env=env)
+    remote = remote_of(sweep)
+    emit = [".venv/bin/dvar", "sweep", "run", "--grid=paper",
+            "--workdir=gs://my-bucket/sweeps/paper", "--emit-commands", "--only=ar-*"]
+    words = shlex.split(remote)
+    i = next(k for k, w in enumerate(words) if words[k:k + 2] == [".venv/bin/dvar", "sweep"])
+    assert words[i:i + len(emit)] == emit
+
+    # One worker's share, through a real shell: it lists the runs not done in the bucket and
+    # runs each `dvar sweep run --only=NAME` with the same gs:// workdir (every worker runs the
+    # same list at once: each run is one multi-host training).
+    home = tmp_path / "home"
+    calls = home / "calls"
+    listed = "dvar sweep run --grid=paper --workdir=gs://my-bucket/sweeps/paper --only="
+    stub = ('case "$*" in *--emit-commands*) '
+            f"""printf '%s\\n' "{listed}ar-1" "{listed}ar-2"; exit 0;; esac\n"""
+            f'echo "$*" >> {calls}\n')
+    done = lambda: any("sweep done" in p.read_text() for p in home.glob("dvar-jax/*/*/sweep.log"))
+    run_remote_locally(remote, home, stub, done)
+    assert calls.read_text().splitlines() == [
+        f"sweep run --grid=paper --workdir=gs://my-bucket/sweeps/paper --only=ar-{k}"
+        for k in (1, 2)]
+    assert dry("fetch", "--workdir=gs://my-bucket/sweeps/paper", env=env) == [
+        ["mkdir", "-p", f"tpu-results/{NAME}/paper"],
+        ["gcloud", "storage", "rsync", "--recursive", "gs://my-bucket/sweeps/paper",
+         f"tpu-results/{NAME}/paper"]]
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: exit 2, naming the bad value, nothing printed on stdout
 
@@ -548,8 +587,9 @@ BAD = [
     (["sweep", *NZ, "--commands=/no/such/file"], "--commands '/no/such/file' is not a readable"),
     (["sweep", *NZ], "no commands on stdin"),
     (["sweep", *NZ, "--grid=small"], "missing --workdir for sweep --grid"),
-    (["sweep", *NZ, "--grid=small", "--workdir=gs://b-1/x"],
-     "invalid --workdir 'gs://b-1/x' for sweep"),
+    (["sweep", *NZ, "--grid=small", "--workdir=gs://B/x"], "invalid --workdir 'gs://B/x'"),
+    (["sweep", *NZ, "--grid=small", "--workdir=runs/../x"],
+     "invalid --workdir 'runs/../x' for sweep"),
     (["sweep", *NZ, "--grid=../g.py", "--workdir=w"], "invalid --grid '../g.py'"),
     (["sweep", *NZ, "--grid=small", "--workdir=w", "--commands=f"],
      "--grid and --commands exclude each other"),

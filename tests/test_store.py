@@ -323,3 +323,18 @@ def test_a_gs_store_is_read_through_epath_into_a_local_cache(store_dir, tmp_path
     np.testing.assert_array_equal(tokens, TokenStore(store_dir).read(0, store.num_tokens))
     cached = list((tmp_path / "cache").rglob("*.bin"))
     assert len(cached) == len(store.shards)
+
+
+def test_a_gs_store_is_read_from_the_gcs_emulator(store_dir, tmp_path, gcs_bucket):
+    """The same through the real gs:// path (etils.epath over gcsfs, dvar_jax.storage) against
+    the GCS emulator: the store is uploaded, read into the shard cache, and equals the local."""
+    from dvar_jax import storage
+
+    for path in sorted(p for p in store_dir.rglob("*") if p.is_file()):
+        storage.path(f"{gcs_bucket}/stores/train/{path.relative_to(store_dir).as_posix()}") \
+            .write_bytes(path.read_bytes())
+    store = TokenStore(f"{gcs_bucket}/stores/train", shard_cache=tmp_path / "cache")
+    assert store.tokenizer.fingerprint == TokenStore(store_dir).tokenizer_fingerprint
+    np.testing.assert_array_equal(store.read(0, store.num_tokens),
+                                  TokenStore(store_dir).read(0, store.num_tokens))
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == len(store.shards)

@@ -385,9 +385,8 @@ def test_paper_grid_refuses_until_the_stores_exist_and_hold_u(paper_grid, tmp_pa
 
 _APPENDER = """
 import sys
-from pathlib import Path
 from dvar_jax.results import append_once
-path, tag = Path(sys.argv[1]), sys.argv[2]
+path, tag = sys.argv[1], sys.argv[2]
 for i in range(40):
     append_once(path, {"name": f"run-{i}", "writer": tag, "pad": "x" * 5000})
 """
@@ -400,6 +399,19 @@ def test_concurrent_sweeps_append_each_record_once(tmp_path):
     assert all(p.wait(timeout=60) == 0 for p in procs)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["name"] for r in records) == sorted(f"run-{i}" for i in range(40))
+
+
+def test_concurrent_sweeps_on_gcs_append_each_record_once(gcs_bucket, gcs_emulator):
+    """The same four processes on a gs:// results file (the GCS emulator): no flock there, a
+    generation precondition on each rewrite instead."""
+    from dvar_jax.results import read_records
+
+    path = f"{gcs_bucket}/sweep/results.jsonl"
+    env = {**os.environ, **gcs_emulator.env}
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, path, str(k)], cwd=ROOT, env=env)
+             for k in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert sorted(r["name"] for r in read_records(path)) == sorted(f"run-{i}" for i in range(40))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from dvar_jax.eval.scoring import Scorer
 from dvar_jax.eval.validation import evaluate_validation
 from dvar_jax.objectives import Decoding, get_objective
 from dvar_jax.results import append_record
+from dvar_jax.run_dir import RunDir
 
 RESULTS_FILE = "eval.jsonl"
 
@@ -59,7 +60,7 @@ def run_evaluation(workdir: str | Path, *, checkpoint: str = "best", num_mc: int
         record["diffusion_method"] = diffusion_method if unmasking else None
         record["tasks"] = {task: evaluate_task(scorer, run.tokenizer, task, tasks_dir, limit,
                                                source=source) for task in tasks}
-    append_record(Path(workdir) / RESULTS_FILE, record)
+    append_record(RunDir(workdir).evals_path, record)
     return record
 
 
