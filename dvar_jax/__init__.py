@@ -6,11 +6,13 @@ start-up errors of accelerators this machine does not have, and so that gs:// pa
 gcsfs (`dvar_jax.storage`). Each is only a default: an environment variable the user set wins.
 """
 
+import contextlib
 import glob
 import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 
@@ -37,25 +39,36 @@ def _quiet_start_up() -> None:
     os.environ["JAX_PLATFORMS"] = "cuda,cpu" if has_cuda else "cpu"
 
 
-def import_quietly(name: str) -> ModuleType:
-    """`importlib.import_module(name)` for a module that loads TensorFlow (seqio, tfds).
-
-    TensorFlow 2.21 prints INFO lines about CUDA drivers and oneDNN from C++ while it loads,
-    before its logging honours TF_CPP_MIN_LOG_LEVEL: while it loads, the process's stderr goes
-    to /dev/null. Python exceptions still raise; TF_CPP_MIN_LOG_LEVEL=0 keeps the lines.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return importlib.import_module(name)
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) goes to /dev/null within this block, so C++
+    libraries' start-up lines do not reach the user; Python exceptions still raise.
+    TF_CPP_MIN_LOG_LEVEL=0 keeps everything."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        return importlib.import_module(name)
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def import_quietly(name: str) -> ModuleType:
+    """`importlib.import_module(name)` for a module that loads TensorFlow (seqio, tfds).
+
+    TensorFlow 2.21 prints INFO lines about CUDA drivers and oneDNN from C++ while it loads,
+    before its logging honours TF_CPP_MIN_LOG_LEVEL: it loads with `native_stderr_silenced`.
+    """
+    if "tensorflow" in sys.modules:
+        return importlib.import_module(name)
+    with native_stderr_silenced():
+        return importlib.import_module(name)
 
 
 def _gcs_through_gcsfs() -> None:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from dvar_jax import native_stderr_silenced
 from dvar_jax.config import transformer_config, validate_config
 from dvar_jax.kernels.common import lowering_for
 from dvar_jax.objectives import objective_from_config
@@ -60,8 +61,11 @@ def tpu_devices(topology: str) -> list:
     try:
         from jax.experimental import topologies
 
-        return list(topologies.get_topology_desc(platform="tpu",
-                                                 topology_name=topology).devices)
+        # Loading libtpu on a machine without a TPU prints its initialisation errors ("Failed
+        # to find host bounds ...") from C++; they say nothing about the compile asked for.
+        with native_stderr_silenced():
+            return list(topologies.get_topology_desc(platform="tpu",
+                                                     topology_name=topology).devices)
     except (RuntimeError, ValueError) as e:  # no libtpu, or a name libtpu does not know
         raise ValueError(
             f"--topology={topology!r}: could not describe this TPU topology ({e}). It needs the "

@@ -2,6 +2,7 @@
 extra), `dvar` commands print neither libtpu's initialisation errors nor TensorFlow's CUDA and
 oneDNN notices. Each command runs as a fresh process, as a user starts it."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,3 +63,14 @@ def test_fit_is_quiet(tmp_path):
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in make_records()))
     _assert_quiet(_stderr_of(["fit", f"--results={results}", "--tie_alpha_beta"], tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs the `tpu` extra (libtpu: x86-64 Linux only)")
+def test_plan_memory_is_quiet(tmp_path):
+    """plan-memory loads libtpu on purpose (to describe the topology); its initialisation
+    errors on a machine without a TPU are not shown."""
+    _assert_quiet(_stderr_of(["plan-memory", "--topology=v5p:2x2x1", "--mesh=1,4,1",
+                              "--config.model.name=cpu-xs", "--config.data.seq_len=64",
+                              "--config.train.batch_size=8", "--config.data.vocab_size=400"],
+                             tmp_path))
