@@ -92,7 +92,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from dvar_jax.configs.models import PAPER_SIZES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -102,7 +102,7 @@ def main() -> int:
                         help="0 lets auto pick splash; the study's code ran 0.1 (xla)")
     parser.add_argument("--out", default=str(RESULTS / "tpu_plan_2026-12-04.jsonl"))
     parser.add_argument("--report", action="store_true", help="print the table and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in PAPER_SIZES]
     if unknown:
