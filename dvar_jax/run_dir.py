@@ -52,9 +52,12 @@ class RunBusyError(OSError):
     """Another live process is training this run folder; the message names its host and id."""
 
 # The config keys whose change changes the run (model, objective, data, optimisation, seed);
-# mesh, logging, evaluation and checkpoint cadence may change between restarts.
+# mesh, logging, evaluation and checkpoint cadence may change between restarts, and so may how
+# a step fits in memory (remat, a scan over layers, microbatches): they compute the same update
+# (microbatches up to rounding and dropout masks), which a run moved to another slice needs.
 RUN_DEFINING = ("objective", "seed", "model.", "data.", "train.", "ar.", "block_diffusion.")
-NOT_RUN_DEFINING = ("data.cache_dir", "train.log_every")
+NOT_RUN_DEFINING = ("data.cache_dir", "train.log_every", "model.remat", "model.scan_layers",
+                    "train.microbatches")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -200,3 +200,14 @@ def test_bad_memory_options_are_named(key, value, message):
     cfg[section][name] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_config(cfg)
+
+
+def test_a_run_may_change_how_its_step_fits_in_memory_on_resume():
+    from dvar_jax.run_dir import run_defining_differences
+
+    saved = {"model.remat": "none", "model.scan_layers": False, "train.microbatches": 1,
+             "model.d_model": 64}
+    moved = {"model.remat": "dots", "model.scan_layers": True, "train.microbatches": 4,
+             "model.d_model": 64}
+    assert run_defining_differences(saved, moved) == []
+    assert run_defining_differences(saved, {**moved, "model.d_model": 128}) == ["model.d_model"]
