@@ -4,9 +4,9 @@ import importlib.util
 from pathlib import Path
 
 import jax
+from markers import HAS_LIBTPU
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def _load():

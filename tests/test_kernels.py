@@ -5,14 +5,13 @@ second, so every test checks values and gradients from one compiled call. The TP
 (never run) the kernels for an abstract v5p device through libtpu; they skip without it.
 """
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import SingleDeviceSharding
+from markers import needs_libtpu
 
 from dvar_jax.kernels import cross_entropy as ce
 from dvar_jax.kernels.flash_attention import debug_block_visits, flash_attention, plan_blocks
@@ -159,9 +158,6 @@ def test_flash_attention_bfloat16():
 # kernel, which catches what the Pallas lowering alone does not (layouts, shape casts, VMEM).
 # Shapes are TPU-sized tiles: bf16, head_dim 128, seq 256 = 2 blocks of 128.
 
-_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not _HAS_LIBTPU,
-                                  reason="needs the `tpu` extra (libtpu: x86-64 Linux only)")
 TPU_KERNEL = 'custom_call_target="tpu_custom_call"'  # one per Mosaic kernel in compiled HLO
 
 

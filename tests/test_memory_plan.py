@@ -1,16 +1,14 @@
 """`dvar plan-memory`: the real train step compiled ahead of time for a TPU topology, on CPU."""
 
-import importlib.util
 import re
 
 import pytest
+from markers import needs_libtpu
 
 from dvar_jax.cli import main
 from dvar_jax.configs.base import get_config
 
-# libtpu is the `tpu` extra, which `make test` installs on x86-64 Linux (where it exists).
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="needs the `tpu` extra (libtpu: x86-64 Linux only)")
+pytestmark = needs_libtpu
 
 
 def _small_cfg():

@@ -2,13 +2,13 @@
 extra), `dvar` commands print neither libtpu's initialisation errors nor TensorFlow's CUDA and
 oneDNN notices. Each command runs as a fresh process, as a user starts it."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from markers import needs_libtpu
 
 # What libtpu and TensorFlow print at start when nothing keeps them quiet.
 NOISE = ("libtpu", "TPU", "InitGoogle", "Source Location Trace", "host bounds", "oneDNN",
@@ -65,8 +65,7 @@ def test_fit_is_quiet(tmp_path):
     _assert_quiet(_stderr_of(["fit", f"--results={results}", "--tie_alpha_beta"], tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs the `tpu` extra (libtpu: x86-64 Linux only)")
+@needs_libtpu
 def test_plan_memory_is_quiet(tmp_path):
     """plan-memory loads libtpu on purpose (to describe the topology); its initialisation
     errors on a machine without a TPU are not shown."""
