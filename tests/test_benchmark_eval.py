@@ -4,24 +4,15 @@ Both run `--quick` in-process on the `trained_runs` fixture (shared with the eva
 so no extra training). Timings are printed by the scripts, never asserted here.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark
 
 
 def test_eval_variance_quick_std_falls_with_k(trained_runs, capsys):
-    rows = _load("eval_variance").main(["--quick", "--workdir", str(trained_runs["diffusion"])])
+    rows = load_benchmark("eval_variance").main(["--quick", "--workdir",
+                                                 str(trained_runs["diffusion"])])
     out = capsys.readouterr().out
     validation = [r for r in rows if r["part"] == "validation"]
     downstream = [r for r in rows if r["part"] == "downstream"]
@@ -41,7 +32,7 @@ def test_eval_variance_quick_std_falls_with_k(trained_runs, capsys):
 
 
 def test_eval_speed_quick_reuses_the_compiled_scorer(trained_runs, capsys):
-    rows = _load("eval_speed").main(["--quick", "--workdir", str(trained_runs["ar"]),
+    rows = load_benchmark("eval_speed").main(["--quick", "--workdir", str(trained_runs["ar"]),
                                      str(trained_runs["diffusion"])])
     out = capsys.readouterr().out
     assert [(r["objective"], r["task"]) for r in rows] == [
@@ -58,7 +49,7 @@ def test_eval_speed_quick_reuses_the_compiled_scorer(trained_runs, capsys):
 
 def test_without_workdir_tiny_runs_are_trained_then_removed(trained_runs, tmp_path,
                                                            monkeypatch):
-    shared = _load("eval_variance")
+    shared = load_benchmark("eval_variance")
     folders = []
 
     def fake_train(folder, objectives):  # the real one is the fixture's recipe; skip its cost
@@ -78,7 +69,7 @@ def test_without_workdir_tiny_runs_are_trained_then_removed(trained_runs, tmp_pa
 
 
 def test_bad_workdirs_and_options(trained_runs, tmp_path, capsys):
-    variance, speed = _load("eval_variance"), _load("eval_speed")
+    variance, speed = load_benchmark("eval_variance"), load_benchmark("eval_speed")
     with pytest.raises(SystemExit, match="holds an ar run only; this benchmark needs a diffusion"):
         variance.main(["--workdir", str(trained_runs["ar"])])
     with pytest.raises(ValueError, match="holds no trained run"):

@@ -1,23 +1,12 @@
 """benchmarks/kernels.py: the loss-memory check and the timing code paths (never their clock)."""
 
-import importlib.util
-from pathlib import Path
 
 import jax
-from markers import HAS_LIBTPU
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import HAS_LIBTPU, load_benchmark
 
 
 def test_quick_run_checks_loss_memory_and_times_every_impl(capsys):
-    bench = _load()
+    bench = load_benchmark("kernels")
     rows = bench.main(["--quick"])
     out = capsys.readouterr().out
     memory = {(r["target"].split()[0], r["impl"]): r for r in rows if r["part"] == "memory"}
@@ -41,7 +30,7 @@ def test_quick_run_checks_loss_memory_and_times_every_impl(capsys):
 
 def test_gpu_rows_report_unsupported_kernels(monkeypatch):
     """On a GPU backend our Mosaic kernels are reported, not run; the rest still run."""
-    bench = _load()
+    bench = load_benchmark("kernels")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     args = bench.parse_args(["--seqs", "128", "--batch", "1", "--heads", "2", "--head-dim", "16",
                              "--loss-tokens", "64", "--loss-vocab", "256", "--loss-dim", "16",
@@ -57,6 +46,6 @@ def test_gpu_rows_report_unsupported_kernels(monkeypatch):
 
 
 def test_cpu_without_cpu_timing_skips_timing(capsys):
-    rows = _load().main(["--parts", "timing"])
+    rows = load_benchmark("kernels").main(["--parts", "timing"])
     assert rows == []
     assert "needs a GPU or TPU backend" in capsys.readouterr().out

@@ -1,24 +1,14 @@
 """benchmarks/tpu_plan.py and benchmarks/scan_compile.py: they run, print their tables and
 refuse bad arguments. Their timings are printed by the scripts, never asserted here."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark
 
 
 def test_scan_compile_prints_one_row_per_depth(capsys):
-    assert _load("scan_compile").main(["--depths", "1,2"]) == 0
+    assert load_benchmark("scan_compile").main(["--depths", "1,2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["1", "2"]
 
@@ -26,13 +16,13 @@ def test_scan_compile_prints_one_row_per_depth(capsys):
 @pytest.mark.parametrize("depths", ["two", "0,2"])
 def test_scan_compile_refuses_bad_depths(depths, capsys):
     with pytest.raises(SystemExit):
-        _load("scan_compile").main(["--depths", depths])
+        load_benchmark("scan_compile").main(["--depths", depths])
     assert f"--depths={depths!r}" in capsys.readouterr().err
 
 
 def test_tpu_plan_refuses_an_unknown_size(capsys):
     with pytest.raises(SystemExit):
-        _load("tpu_plan").main(["--sizes", "140M,999M"])
+        load_benchmark("tpu_plan").main(["--sizes", "140M,999M"])
     assert "['999M'] are not sizes of the study's table" in capsys.readouterr().err
 
 
@@ -47,7 +37,7 @@ def test_tpu_plan_report_tabulates_recorded_rows(tmp_path, capsys):
             {"size": "7M", "attention_dropout": 0.0, "topology": None, "tries": []}]
     out = tmp_path / "plan.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _load("tpu_plan").main(["--report", "--out", str(out)]) == 0
+    assert load_benchmark("tpu_plan").main(["--report", "--out", str(out)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert table[1].startswith("| 7M | none up to v5p:4x4x8")
     assert table[2] == ("| 140M | v5p:2x2x1 (4 chips) | 1, 4, 1 | 2 | splash | 3.0 | 15 | 0.500 "

@@ -4,25 +4,15 @@ with exactly the uninterrupted run's parameters, train state and logged losses.
 Wall-clock numbers are printed by the script, never asserted here.
 """
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "resume_soak.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("resume_soak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark
 
 
 @pytest.mark.slow
 def test_quick_soak_restarts_and_ends_bitwise_equal(capsys):
-    rows = _load().main(["--quick"])
+    rows = load_benchmark("resume_soak").main(["--quick"])
     out = capsys.readouterr().out
     reference, killed = rows
     assert reference["run"] == "uninterrupted" and reference["attempts"] == 1
@@ -37,7 +27,7 @@ def test_quick_soak_restarts_and_ends_bitwise_equal(capsys):
 
 
 def test_kill_plans_leave_room_for_the_kills_after_them():
-    soak = _load()
+    soak = load_benchmark("resume_soak")
     rng = random.Random(0)
     last = 46 - 1 - soak.OVERSHOOT_STEPS  # the latest step a kill may be planned at
     for kills_left in (1, 2, 3):
@@ -52,4 +42,4 @@ def test_kill_plans_leave_room_for_the_kills_after_them():
 
 def test_soak_rejects_a_negative_kill_count():
     with pytest.raises(SystemExit):
-        _load().main(["--kills", "-1"])
+        load_benchmark("resume_soak").main(["--kills", "-1"])

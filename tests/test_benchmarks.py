@@ -3,23 +3,13 @@
 Wall-clock numbers are printed by the script, never asserted here (they depend on the machine).
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark
 
 
 def test_quick_benchmark_prints_a_checked_table(capsys):
-    rows = _load().main(["--quick"])
+    rows = load_benchmark("train_throughput").main(["--quick"])
     out = capsys.readouterr().out
     assert {r["objective"] for r in rows} == {"ar", "diffusion"}
     for row in rows:
@@ -29,4 +19,4 @@ def test_quick_benchmark_prints_a_checked_table(capsys):
 
 def test_benchmark_rejects_an_unknown_size():
     with pytest.raises(SystemExit):
-        _load().main(["--sizes", "huge"])
+        load_benchmark("train_throughput").main(["--sizes", "huge"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import SingleDeviceSharding
-from markers import needs_libtpu
+from support import needs_libtpu
 
 from dvar_jax.kernels import cross_entropy as ce
 from dvar_jax.kernels.flash_attention import debug_block_visits, flash_attention, plan_blocks

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from markers import needs_libtpu
+from support import needs_libtpu
 
 from dvar_jax.cli import main
 from dvar_jax.configs.base import get_config

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from markers import needs_libtpu
+from support import needs_libtpu
 
 # What libtpu and TensorFlow print at start when nothing keeps them quiet.
 NOISE = ("libtpu", "TPU", "InitGoogle", "Source Location Trace", "host bounds", "oneDNN",
