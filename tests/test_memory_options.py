@@ -211,3 +211,25 @@ def test_a_run_may_change_how_its_step_fits_in_memory_on_resume():
              "model.d_model": 64}
     assert run_defining_differences(saved, moved) == []
     assert run_defining_differences(saved, {**moved, "model.d_model": 128}) == ["model.d_model"]
+
+
+@pytest.mark.parametrize("hidden_dropout", [0.1, 0.0])
+def test_block_dropout_keys_are_the_keys_an_rngs_stream_hands_out_in_order(hidden_dropout):
+    """Reference: nnx's own stream, drawn as the model used to draw it (embedding dropout,
+    then per block attention and, with hidden dropout, the two residual branches; nnx's
+    Dropout draws nothing at rate 0). Same keys, so older runs keep their numbers."""
+    from dvar_jax.model.transformer import block_dropout_keys
+
+    cfg = _model_cfg(n_layers=3, hidden_dropout=hidden_dropout)
+    base = jax.random.key(11)
+    stream = nnx.Rngs(dropout=base)
+    embed = stream.dropout() if hidden_dropout else None
+    draws_per_block = 3 if hidden_dropout else 1
+    expected = [[stream.dropout() for _ in range(draws_per_block)] for _ in range(3)]
+    embed_key, keys = block_dropout_keys(cfg, base)
+    data = jax.random.key_data
+    if hidden_dropout:
+        np.testing.assert_array_equal(data(embed_key), data(embed))
+    for layer in range(3):
+        for j in range(draws_per_block):
+            np.testing.assert_array_equal(data(keys[layer, j]), data(expected[layer][j]))
