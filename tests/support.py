@@ -1,6 +1,11 @@
-"""What several test files share: the libtpu marker and loading a benchmark script."""
+"""What several test files share: the libtpu marker, loading a benchmark script and running the
+processes of a loopback multi-process job."""
 
+import contextlib
 import importlib.util
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -23,3 +28,35 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_together(commands: list[list[str]], *, timeout: float, grace: float = 60.0,
+                 **popen) -> list[tuple[int | None, str, str]]:
+    """(returncode, stdout, stderr) of each command, all started at once (the processes of one
+    distributed job) and waited for together.
+
+    Output goes to files, not pipes: a process whose unread pipe filled would block, and its
+    peers would wait for it in a collective until the timeout. When one process fails, the
+    others get `grace` seconds to finish (they are usually blocked on it) and are then killed;
+    everything still running at `timeout` is killed too. A killed process's returncode is that
+    of the kill (negative), and its output up to then is returned."""
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as files:
+        streams = [tuple(files.enter_context(open(Path(folder, f"{i}.{kind}"), "w+"))
+                         for kind in ("out", "err")) for i in range(len(commands))]
+        procs = [subprocess.Popen(argv, stdout=out, stderr=err, text=True, **popen)
+                 for argv, (out, err) in zip(commands, streams, strict=True)]
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + grace)
+            time.sleep(0.2)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        results = []
+        for p, (out, err) in zip(procs, streams, strict=True):
+            out.seek(0)
+            err.seek(0)
+            results.append((p.returncode, out.read(), err.read()))
+        return results

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from support import run_together
 
 from dvar_jax import storage
 from dvar_jax.checkpoint import (
@@ -300,12 +301,11 @@ def get_grid():
                "JAX_PLATFORMS": "cpu"}
     argv = ["dvar", "sweep", "run", f"--grid={grid}", f"--workdir={workdir}",
             "--config.distributed=off", "--progress=false"]
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "multihost_train_worker.py"), str(i),
-                               "2", port, *argv], env=run_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(
-        f"process {i}: {out[-1500:]}\n{err[-2500:]}" for i, (out, err) in enumerate(outputs))
+    outputs = run_together([[sys.executable, str(TESTS / "multihost_train_worker.py"), str(i),
+                             "2", port, *argv] for i in range(2)], timeout=600, env=run_env)
+    assert [rc for rc, _, _ in outputs] == [0, 0], "\n".join(
+        f"process {i} (rc {rc}): {out[-1500:]}\n{err[-2500:]}"
+        for i, (rc, out, err) in enumerate(outputs))
     from dvar_jax.results import read_records
     from dvar_jax.run_dir import RunDir
 

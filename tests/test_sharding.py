@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from ml_collections import ConfigDict
+from support import run_together
 
 from dvar_jax.config import transformer_config
 from dvar_jax.configs.base import get_config
@@ -225,13 +226,11 @@ def test_two_hosts_each_feeding_its_rows_match_one_device(objective):
     port = str(_free_port())
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(TESTS)}
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "multihost_worker.py"), str(i), "2",
-                               port, objective], env=env, cwd=TESTS.parent,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-4000:]
-    result = json.loads(outputs[0][0].strip().splitlines()[-1])
+    outputs = run_together([[sys.executable, str(TESTS / "multihost_worker.py"), str(i), "2",
+                             port, objective] for i in range(2)], timeout=300, env=env,
+                           cwd=TESTS.parent)
+    for rc, _, err in outputs:
+        assert rc == 0, err[-4000:]
+    result = json.loads(outputs[0][1].strip().splitlines()[-1])
     assert result["devices"] == 4 and result["processes"] == 2 and result["local_rows"] == 4
     np.testing.assert_allclose(result["losses"], expected, rtol=1e-6)
