@@ -31,7 +31,7 @@ within the same compute, AR is free to stop early.
 
 (C_crit(U): `dvar_jax.scaling.planner.critical_compute` on the "prabhudesai2025" laws; FLOPs
 are the study's C = 6 N D with N its formula at V = 1024; 128x4 is 0.89M, 256x8 6.3M, 384x6
-11.0M.) The 17 runs take about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
+11.0M.) The first 17 runs took about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
 XLA attention); on 2 CPU cores a 20k-step run of the 256x8 model takes hours, so run only the
 128x4 cells there (`--only='*-128x4-U20k-*'`).
 
@@ -40,7 +40,8 @@ Diffusion's best stayed above AR's best at every U: +0.18 nats at U = 20k (4.937
 +0.09 at 100k (4.252 vs 4.162), +0.15 at 500k (3.716 vs 3.570), at 4.7-750x C_crit(U).
 Without dropout diffusion overfits too, after 60-125 epochs; with dropout 0.1 its curves at
 100k and 500k had not turned upward when their schedules ended (150 and 100 epochs). The next
-cells to try: those two with dropout, 300-500 epochs and a larger model.
+cells to try: those two with dropout, 300-500 epochs and a larger model. They are the grid's
+last five runs (the third device call), waiting for a device.
 """
 
 from ml_collections import ConfigDict
@@ -55,8 +56,8 @@ VALIDATION_TOKENS = 32_768  # 256 windows of the held-out works, the same for ev
 EVALS_PER_RUN = 40
 
 # Sizes as (d_model, n_layers); heads of 32 dimensions. N (study formula, V = 1024):
-# 128x4 0.89M, 256x8 6.3M, 384x6 11.0M.
-SIZES = {"128x4": (128, 4), "256x8": (256, 8), "384x6": (384, 6)}
+# 128x4 0.89M, 256x8 6.3M, 384x6 11.0M, 512x8 25.5M.
+SIZES = {"128x4": (128, 4), "256x8": (256, 8), "384x6": (384, 6), "512x8": (512, 8)}
 
 # Sequences per step at each U: about 20-120 steps per epoch, so that diffusion gets tens of
 # thousands of optimizer steps over hundreds of epochs (DESIGN.md: too few steps never leave the
@@ -85,6 +86,16 @@ RUNS = (
     ("diffusion", "128x4", 20_000, 300, 0.1),
     ("diffusion", "256x8", 20_000, 200, 0.1),
     ("ar", "384x6", 500_000, 20, 0.1),
+    # Third device call, not yet run (no device lent since): the two closest cells, with dropout,
+    # longer and larger, and AR at the same sizes with dropout for the comparison. Estimated
+    # (not run) at 5-8 minutes on one H200, 5 at a time, from the tokens/s of the first two
+    # calls (benchmarks/results/gpu_2026-12-04.md); select them with
+    # --only='*-E400-drop0.1,*512x8*,*U500k-E300*,ar-256x8-U100k-E30-drop0.1'.
+    ("diffusion", "256x8", 100_000, 400, 0.1),
+    ("diffusion", "512x8", 100_000, 300, 0.1),
+    ("diffusion", "384x6", 500_000, 300, 0.1),
+    ("ar", "512x8", 100_000, 30, 0.1),
+    ("ar", "256x8", 100_000, 30, 0.1),
 )
 
 

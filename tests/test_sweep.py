@@ -113,7 +113,7 @@ def test_paper_grid_families_follow_the_study_protocol(paper_grid):
 def test_make_record_writes_the_grid_family(tmp_path):
     """The record's family is the config's (set by the grid's add_run); None when unset."""
     small_grid = load_grid("small")
-    name, cfg = next((n, c) for n, c in small_grid.runs if n == "ar-cpu-s-U60k-E1")
+    name, cfg = next((n, c) for n, c in small_grid.runs if n == "ar-cpu-s-U80k-E1")
     run_dir = tmp_path / name
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text(json.dumps(
@@ -122,7 +122,7 @@ def test_make_record_writes_the_grid_family(tmp_path):
                "best_val_loss": 5.0, "final_val_loss": 5.1, "best_epoch": 1.0}
     record = sweep.make_record(small_grid, name, cfg, summary, run_dir)
     assert record["family"] == "isoflop" and record["best_step"] == 7
-    series = dict(small_grid.runs)["ar-cpu-s-U5k-E1"]
+    series = dict(small_grid.runs)["ar-cpu-s-U5k-E4"]
     assert sweep.make_record(small_grid, name, series, summary, run_dir)["family"] == \
         "data_constrained"
     unset = cfg.copy_and_resolve_references()
@@ -159,25 +159,41 @@ def test_config_family_is_validated():
 # the small grid
 
 
-def test_small_grid_covers_the_design_within_an_hour_of_cpu():
+def test_small_grid_covers_the_design_within_90_minutes_of_cpu():
+    """Issue 17: at least 4 sizes, fresh budgets spanning a decade, 100 epochs of the smallest U,
+    a step floor on every cell, and an estimate inside `make grid-demo`'s 90 minutes."""
     grid = load_grid("small")
     configs = [cfg for _, cfg in grid.runs]
     assert {c.objective for c in configs} == {"ar", "diffusion"}
-    assert {c.model.name for c in configs} == {"cpu-xs", "cpu-s", "cpu-m"}
+    assert {c.model.name for c in configs} == set(small.SIZES) and len(small.SIZES) >= 4
     assert all(c.data.source == "shakespeare" for c in configs)
-    multi = [c for c in configs if c.data.unique_tokens in small.UNIQUE_TOKENS]
-    assert len({c.data.unique_tokens for c in multi}) == 3
-    assert len({c.data.epochs for c in multi}) == 4
-    assert len(multi) == 2 * 3 * 3 * 4
-    assert {c.family for c in multi} == {"data_constrained"}  # E = 1 included
-    # Step 1 of the fit: one epoch on fresh data at every size, at D beyond every U.
+    multi = [c for c in configs if c.family == "data_constrained"]
+    assert {c.data.unique_tokens for c in multi} == set(small.DATA_CONSTRAINED)
+    assert len(multi) == 2 * len(small.SIZES) * sum(map(len, small.DATA_CONSTRAINED.values()))
+    smallest = min(small.DATA_CONSTRAINED)
+    assert max(c.data.epochs for c in multi if c.data.unique_tokens == smallest) >= 100
+    for unique in small.DATA_CONSTRAINED:  # the batch scales with U, not with the epochs
+        assert len({c.train.batch_size for c in multi if c.data.unique_tokens == unique}) == 1
+    # Step 1 of the fit: one epoch on fresh data at every size, at D no multi-epoch U has.
     iso = [c for c in configs if c.family == "isoflop"]
-    assert {c.model.name for c in iso} == {"cpu-xs", "cpu-s", "cpu-m"}
+    assert {c.model.name for c in iso} == set(small.SIZES)
     assert {c.data.epochs for c in iso} == {1}
     assert {c.data.unique_tokens for c in iso} == set(small.FRESH_TOKENS)
+    assert max(small.FRESH_TOKENS) >= 10 * min(small.FRESH_TOKENS)
+    assert not set(small.FRESH_TOKENS) & set(small.DATA_CONSTRAINED)
     assert len(iso) + len(multi) == len(configs)
+    assert min(sweep.num_steps(c) for c in configs) >= small.MIN_STEPS
     seconds = sweep.estimate_cpu_seconds(grid.runs)
-    assert seconds is not None and seconds < 60 * 60
+    assert seconds is not None and seconds < 90 * 60
+
+
+def test_small_grid_batch_floor_hand_computed():
+    # 5,000 tokens are 78 windows of 64: 4 epochs are 312 windows, so batch 2 (156 steps) is
+    # the largest with 150 steps; 100 epochs allow batch 16 (487 steps).
+    assert small.batch_size_for(5_000, 4) == 2
+    assert small.batch_size_for(5_000, 100) == 16
+    # 200 windows are too few for 150 steps even at batch 1: the smallest batch.
+    assert small.batch_size_for(64 * 100 + 1, 1) == 1
 
 
 def test_small_grid_estimate_is_printed(capsys):
@@ -187,7 +203,7 @@ def test_small_grid_estimate_is_printed(capsys):
     assert "6ND: C = 6 N D" in out and "+attn: C = 6 N D + 12 L S w D" in out
     assert "estimated time on a 2-core CPU" in out
     minutes = int(out.split("one run after another: ")[1].split(" min")[0])
-    assert minutes < 60
+    assert minutes < 90
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,12 +446,12 @@ def test_sweep_run_emit_commands_from_the_command_line(tmp_path, capsys):
 
 
 def test_sweep_list_applies_overrides(capsys):
-    argv = ["dvar", "sweep", "list", "--grid=small", "--only=ar-cpu-s-U10k-E3",
+    argv = ["dvar", "sweep", "list", "--grid=small", "--only=ar-cpu-s-U20k-E12",
             "--config.train.batch_size=8"]
     assert main(argv) == 0
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
-              if line.startswith("ar-cpu-s-U10k-E3 ")]
-    assert row[5] == "58"  # steps: 3 epochs x 156 windows of 64 tokens / batch 8
+              if line.startswith("ar-cpu-s-U20k-E12 ")]
+    assert row[5] == "468"  # steps: 12 epochs x 312 windows of 64 tokens / batch 8
 
 
 @pytest.mark.parametrize("sub, words", [
@@ -577,7 +593,14 @@ def test_ablation_grids_set_the_studys_options(cpu):
         assert len(shapes) == 1, shapes
     shape = next(iter({(c.model.name, c.data.unique_tokens, c.data.epochs)
                        for c in grids["token_masking"].values()}))
-    assert shape == (("cpu-s", 20_000, 24.0) if cpu else ("140M", 100_000_000, 50.0))
+    assert shape == (("cpu-s", 10_000, 100.0) if cpu else ("140M", 100_000_000, 50.0))
+    if cpu:  # the AR ablations share one run, many epochs and enough steps; block diffusion
+        # keeps the run of its README table
+        for name in ("attention_dropout", "token_masking", "orderings"):
+            assert {(c.train.batch_size, sweep.num_steps(c)) for c in grids[name].values()} \
+                == {(8, 1950)}, name  # 100 epochs x 156 windows of 64 tokens / batch 8
+        assert {(c.model.name, c.data.unique_tokens, c.data.epochs, c.train.batch_size)
+                for c in grids["block_diffusion"].values()} == {("cpu-s", 20_000, 24.0, 16)}
     orderings = grids["orderings"]
     assert {n: c.ar.num_orders for n, c in orderings.items() if c.objective == "ar"} == {
         f"ar-orders{n}": n for n in (1, 2, 4, 8, 16)}
@@ -600,9 +623,43 @@ def test_ablation_grids_set_the_studys_options(cpu):
 
 
 def test_cpu_ablation_grids_fit_in_minutes(capsys):
-    """`dvar sweep list` prints each CPU ablation grid with its time estimate (under 15 min)."""
+    """`dvar sweep list` prints each CPU ablation grid with its time estimate (under 25 min)."""
     for name in ("attention_dropout", "token_masking", "orderings", "block_diffusion"):
         assert main(["dvar", "sweep", "list", f"--grid=ablations/{name}-cpu"]) == 0
         out = capsys.readouterr().out
         minutes = int(out.split("one run after another: ")[1].split(" min")[0])
-        assert minutes <= 15, (name, minutes)
+        assert minutes <= 25, (name, minutes)
+
+
+def test_study_ablation_keeps_the_study_batch():
+    from dvar_jax.configs.recipes import ablation_config
+
+    with pytest.raises(ValueError, match=r"batch_size=8 is for the CPU run; the study's run "
+                                         r"keeps its batch of 256"):
+        ablation_config("ar", False, batch_size=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# the crossover grid (configs/crossover.py)
+
+
+def test_crossover_grid_allocates_each_objective_its_own_size_and_epochs():
+    """Issue 17's search: both objectives at every U, on one batch per U and the 1k BPE
+    vocabulary, diffusion at many more epochs than AR (within the same compute each may use its
+    own size and epochs), and every run validated on the same held-out tokens."""
+    from configs import crossover
+
+    grid = load_grid(str(ROOT / "configs" / "crossover.py"))
+    configs = [cfg for _, cfg in grid.runs]
+    assert len(configs) == len(crossover.RUNS)
+    for unique in crossover.BATCH_SIZES:
+        at_u = [c for c in configs if c.data.unique_tokens == unique]
+        assert {c.objective for c in at_u} == {"ar", "diffusion"}, unique
+        assert {c.train.batch_size for c in at_u} == {crossover.BATCH_SIZES[unique]}
+        ar_epochs = max(c.data.epochs for c in at_u if c.objective == "ar")
+        assert min(c.data.epochs for c in at_u if c.objective == "diffusion") > 3 * ar_epochs
+    assert {(c.data.vocab_size, c.data.tokenizer_type, c.data.validation_tokens)
+            for c in configs} == {(1024, "bpe", crossover.VALIDATION_TOKENS)}
+    widths = {(c.model.d_model, c.model.n_layers) for c in configs}
+    assert widths == set(crossover.SIZES.values())
+    assert all(validate_config(c) is None for c in configs)
