@@ -36,8 +36,10 @@ CPU_SUFFIX = "-cpu"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 # CPU cost model for `sweep list` (README, "Performance": train tokens/s on a 2-core CPU,
-# batch 32 x 128, dropout 0, measured with benchmarks/train_throughput.py).
+# batch 32 x 128, dropout 0, measured with benchmarks/train_throughput.py; cpu-xxs at batch 1-16
+# x 64, where the rates of all four sizes moved by less than run-to-run noise).
 CPU_TOKENS_PER_S = {
+    ("cpu-xxs", "ar"): 22_000, ("cpu-xxs", "diffusion"): 22_000,
     ("cpu-xs", "ar"): 17_004, ("cpu-xs", "diffusion"): 17_686,
     ("cpu-s", "ar"): 6_175, ("cpu-s", "diffusion"): 6_380,
     ("cpu-m", "ar"): 2_639, ("cpu-m", "diffusion"): 2_767,

@@ -54,6 +54,7 @@ PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 # Sizes for a 2-core CPU (the study's family, scaled down). With the embedded corpus's
 # 4096-token vocabulary the embedding is 4224 * d_model of the count.
 CPU_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "cpu-xxs": (32, 2, 1, 32),
     "cpu-xs": (64, 2, 2, 32),
     "cpu-s": (128, 4, 4, 32),
     "cpu-m": (192, 6, 6, 32),

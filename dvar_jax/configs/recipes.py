@@ -64,9 +64,10 @@ SMALL_EVALS_PER_RUN = 8
 SMALL_VALIDATION_TOKENS = 4_096
 
 
-def small_config(objective: str, size: str, unique_tokens: int, epochs: float) -> ConfigDict:
+def small_config(objective: str, size: str, unique_tokens: int, epochs: float, *,
+                 batch_size: int = SMALL_BATCH_SIZE) -> ConfigDict:
     """The base config with the demo's CPU settings (dvar_jax/configs/demo.py) at the small
-    grid's shape."""
+    grid's shape; `batch_size` sequences of SMALL_SEQ_LEN tokens a step."""
     c = base.get_config()
     c.objective = objective
     c.model.name = size
@@ -78,11 +79,13 @@ def small_config(objective: str, size: str, unique_tokens: int, epochs: float) -
     c.data.seq_len = SMALL_SEQ_LEN
     # The first SMALL_VALIDATION_TOKENS of the held-out works, the same for every run.
     c.data.validation_tokens = SMALL_VALIDATION_TOKENS
-    c.train.batch_size = SMALL_BATCH_SIZE
+    c.train.batch_size = batch_size
     c.train.peak_lr = 1e-3  # small models on small budgets need a larger step (as the demo)
     c.train.warmup_fraction = 0.02
     c.train.log_every = 20
-    c.eval.every_epochs = epochs / SMALL_EVALS_PER_RUN
+    # At least once an epoch: AR's best comes within a few epochs at these budgets, and a long
+    # run evaluated only SMALL_EVALS_PER_RUN times would miss it (the fit takes the best loss).
+    c.eval.every_epochs = min(epochs / SMALL_EVALS_PER_RUN, 1.0)
     c.eval.batch_size = 64
     c.eval.num_mc = 2
     # Save at the end only (and on SIGTERM): runs take seconds to minutes, and saving at every
@@ -99,23 +102,33 @@ def small_config(objective: str, size: str, unique_tokens: int, epochs: float) -
 ABLATION_SIZE, ABLATION_UNIQUE, ABLATION_EPOCHS = "140M", 100_000_000, 50
 # ... and for the orderings, 278M for 100 epochs (Fig. 7).
 ORDERINGS_SIZE, ORDERINGS_EPOCHS = "278M", 100
-# CPU: the small grid's cpu-s on 20k unique tokens for 24 epochs, where plain AR has overfit
-# (its validation loss bottoms out near epoch 6).
-CPU_ABLATION_SIZE, CPU_ABLATION_UNIQUE, CPU_ABLATION_EPOCHS = "cpu-s", 20_000, 24
-CPU_ABLATION_EVALS = 12  # validation points per curve
+# CPU: the small grid's cpu-s on 10k unique tokens for 100 epochs (the study's orderings epochs)
+# at batch 8, 1,950 optimizer steps: plain AR has its best within about 5 epochs and memorises for
+# the other 95, and the runs have the steps to learn several orders (at 20k tokens for 24 epochs,
+# 468 steps, N >= 8 never left the unigram plateau; README, "Ablations").
+CPU_ABLATION_SIZE, CPU_ABLATION_UNIQUE, CPU_ABLATION_EPOCHS = "cpu-s", 10_000, 100
+CPU_ABLATION_BATCH_SIZE = 8
+CPU_ABLATION_EVAL_EVERY_EPOCHS = 2.0  # validation points along each curve
 
 
 def ablation_config(objective: str, cpu: bool, *, size: str | None = None,
-                    epochs: int | None = None) -> ConfigDict:
+                    epochs: int | None = None, unique_tokens: int | None = None,
+                    batch_size: int | None = None) -> ConfigDict:
     """The ablations' shared run: the study's (AR 140M, U 100M, 50 epochs, its dropout 0.1) or
-    the CPU one (cpu-s, U 20k, 24 epochs, dropout 0 as the small grid)."""
+    the CPU one (cpu-s, U 10k, 100 epochs, batch 8, dropout 0 as the small grid); the keywords
+    override its size, epochs, U and (CPU) batch."""
     if cpu:
         epochs = epochs or CPU_ABLATION_EPOCHS
-        cfg = small_config(objective, size or CPU_ABLATION_SIZE, CPU_ABLATION_UNIQUE, epochs)
-        cfg.eval.every_epochs = epochs / CPU_ABLATION_EVALS
+        cfg = small_config(objective, size or CPU_ABLATION_SIZE,
+                           unique_tokens or CPU_ABLATION_UNIQUE, epochs,
+                           batch_size=batch_size or CPU_ABLATION_BATCH_SIZE)
+        cfg.eval.every_epochs = CPU_ABLATION_EVAL_EVERY_EPOCHS
         cfg.eval.num_mc = 4
         return cfg
-    return study_config(objective, size or ABLATION_SIZE, ABLATION_UNIQUE,
+    if batch_size is not None:
+        raise ValueError(f"ablation_config: batch_size={batch_size} is for the CPU run; the "
+                         f"study's run keeps its batch of {STUDY_BATCH_SIZE}")
+    return study_config(objective, size or ABLATION_SIZE, unique_tokens or ABLATION_UNIQUE,
                         epochs or ABLATION_EPOCHS)
 
 
