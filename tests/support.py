@@ -3,7 +3,9 @@ processes of a loopback multi-process job."""
 
 import contextlib
 import importlib.util
+import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,13 +15,13 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
-# libtpu (the `tpu` extra) compiles for TPU topologies on a CPU-only machine. `make` installs it
-# wherever a wheel exists (x86-64 Linux, CI's platform), so these tests run there; elsewhere
-# there is nothing to compile with.
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+# libtpu (the `tpu` extra) compiles for TPU topologies on a CPU-only machine. It has wheels for
+# x86-64 Linux only (CI's platform), where `make` installs it: there these tests always run, and
+# a missing libtpu fails them loudly rather than skipping. Elsewhere nothing can compile for a TPU.
+LIBTPU_PLATFORM = sys.platform == "linux" and platform.machine() == "x86_64"  # as the Makefile
 needs_libtpu = pytest.mark.skipif(
-    not HAS_LIBTPU, reason="needs the `tpu` extra (libtpu), which has wheels for x86-64 Linux "
-    "only; `make` installs it there")
+    not LIBTPU_PLATFORM, reason=f"compiling for a TPU needs libtpu, which has wheels for x86-64 "
+    f"Linux only; this machine is {sys.platform} {platform.machine()}")
 
 
 def load_benchmark(name: str) -> ModuleType:

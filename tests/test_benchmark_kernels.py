@@ -2,7 +2,7 @@
 
 
 import jax
-from support import HAS_LIBTPU, load_benchmark
+from support import LIBTPU_PLATFORM, load_benchmark
 
 
 def test_quick_run_checks_loss_memory_and_times_every_impl(capsys):
@@ -10,7 +10,7 @@ def test_quick_run_checks_loss_memory_and_times_every_impl(capsys):
     rows = bench.main(["--quick"])
     out = capsys.readouterr().out
     memory = {(r["target"].split()[0], r["impl"]): r for r in rows if r["part"] == "memory"}
-    checked = {"cpu": ("chunked",)} | ({"tpu": ("chunked", "pallas")} if HAS_LIBTPU else {})
+    checked = {"cpu": ("chunked",)} | ({"tpu": ("chunked", "pallas")} if LIBTPU_PLATFORM else {})
     for target, impls in checked.items():
         naive = memory[(target, "naive")]["temp_bytes"]
         assert naive >= 2 * 2048 * 8192 * 4  # the quick shapes: two float32 [T, V] buffers

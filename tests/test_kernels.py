@@ -2,7 +2,8 @@
 
 Shapes stay tiny: interpret mode runs the grid as a scan and compiles each variant for about a
 second, so every test checks values and gradients from one compiled call. The TPU tests compile
-(never run) the kernels for an abstract v5p device through libtpu; they skip without it.
+(never run) the kernels for an abstract v5p device through libtpu, on every platform libtpu has
+wheels for (tests/support.py: needs_libtpu).
 """
 
 import jax

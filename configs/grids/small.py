@@ -1,7 +1,7 @@
 """A CPU-sized grid (`make grid-demo`): the study's design shrunk to a 2-core CPU on the embedded
 Shakespeare corpus, one run after another, within 90 minutes.
 
-Both objectives at four sizes (cpu-xxs 0.14M, cpu-xs 0.34M, cpu-s 1.3M, cpu-m 3.5M parameters by
+Both objectives at four sizes (cpu-xxs 0.15M, cpu-xs 0.34M, cpu-s 1.3M, cpu-m 3.5M parameters by
 the study's formula with the 4096-token vocabulary):
 
 - **multi-epoch** `{obj}-{size}-U{U}-E{E}`, family "data_constrained" (step 2 of the fit): each
