@@ -8,18 +8,28 @@ warning, set aside, and the one before it is used. A readable checkpoint of anot
 saved shapes differ from the requested ones) is an error instead and is left untouched: it is
 somebody's finished work, not damage.
 
+Checkpoints always hold one entry per transformer block ("params/blocks/3/qkv/kernel"), the
+unrolled layout. A scanned model (`model.scan_layers`) holds its blocks stacked along a leading
+layer axis; it is rearranged by name on the way out and in (`relayout_blocks`, given to
+`Checkpoints` as a `SavedLayout`), so a run may resume with scan on or off and every tool reads
+one layout. The rearranged copy costs one train state of memory while a save starts.
+
 A run folder on gs:// works the same: orbax writes there natively (metadata through epath,
 arrays through TensorStore's GCS driver). On a multi-host run every process calls save and
 restore (orbax coordinates them; each writes its own shards); only process 0 sets a damaged
 checkpoint aside, the others waiting for it.
 """
 
+import dataclasses
 import logging
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -71,6 +81,61 @@ def first_mismatch(saved: dict, requested: dict) -> str | None:
     return None
 
 
+# "blocks/<layer>/" in a leaf's name: one entry per block (the saved layout).
+_LAYER_INDEX = re.compile(r"(?:^|/)blocks/(\d+)/")
+
+
+def relayout_blocks(tree, target):
+    """`tree`'s leaves arranged as `target` (a tree of ShapeDtypeStruct or arrays), matched by
+    name: a leaf named alike in both is passed through; a per-block leaf of `target`
+    ("params/blocks/3/qkv/kernel") is layer 3 of `tree`'s stacked leaf ("params/blocks/qkv/
+    kernel", [n_layers, ...]), and a stacked leaf of `target` stacks `tree`'s per-block leaves
+    in layer order. Pure jnp: jit it with `target`'s shardings to place the result."""
+    source = dict(named_leaves(tree))
+
+    def leaf(name: str):
+        if name in source:
+            return source[name]
+        per_block = _LAYER_INDEX.search(name)
+        if per_block:
+            start, end = per_block.span(1)
+            stacked = name[:start] + name[end + 1:]
+            if stacked not in source:
+                raise KeyError(f"{name}: neither it nor {stacked} is in the tree to rearrange")
+            return source[stacked][int(per_block.group(1))]
+        layers = []
+        while (layer := name.replace("blocks/", f"blocks/{len(layers)}/", 1)) in source:
+            layers.append(source[layer])
+        if not layers:
+            raise KeyError(f"{name}: neither it nor its per-block leaves are in the tree")
+        return jnp.stack(layers)
+
+    names = [name for name, _ in named_leaves(target)]
+    return jax.tree.unflatten(jax.tree.structure(target), [leaf(name) for name in names])
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedLayout:
+    """How a train state held in another layout than the saved one (a scanned model's) is
+    written and read: `abstract` is the saved layout (ShapeDtypeStruct leaves with shardings),
+    `to_saved` rearranges a state into it."""
+
+    abstract: object
+    to_saved: Callable
+
+    @classmethod
+    def of(cls, saved_abstract) -> "SavedLayout":
+        shardings = jax.tree.map(lambda x: x.sharding, saved_abstract)
+        return cls(saved_abstract, jax.jit(lambda state: relayout_blocks(state, saved_abstract),
+                                           out_shardings=shardings))
+
+    def from_saved(self, saved, abstract_state):
+        """A restored saved-layout state rearranged as `abstract_state` says (its shardings)."""
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+        return jax.jit(lambda tree: relayout_blocks(tree, abstract_state),
+                       out_shardings=shardings)(saved)
+
+
 def _epath(where: "str | Path | epath.Path") -> epath.Path:
     """An absolute epath.Path for orbax (gs:// kept as it is)."""
     return epath.Path(where if storage.is_gcs(where) else Path(where).absolute())
@@ -80,8 +145,11 @@ class Checkpoints:
     """The checkpoints of one run folder (`RunDir(workdir).checkpoints_dir / <step>`), local or
     gs://."""
 
-    def __init__(self, workdir: "str | Path | epath.Path", keep: int, async_save: bool = True):
+    def __init__(self, workdir: "str | Path | epath.Path", keep: int, async_save: bool = True,
+                 layout: SavedLayout | None = None):
+        """layout: how to write and read a state not held in the saved layout (None: it is)."""
         self.directory = _epath(RunDir(workdir).checkpoints_dir)
+        self.layout = layout
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
@@ -101,6 +169,8 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> None:
         """Starts an asynchronous save; `wait` blocks until every save has committed."""
+        if self.layout is not None:
+            state = self.layout.to_saved(state)
         self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)),
@@ -116,6 +186,9 @@ class Checkpoints:
         A damaged checkpoint is set aside and the one before it tried; a readable one whose
         arrays differ from `abstract_state` raises CheckpointError and stays as it is.
         """
+        wanted = abstract_state
+        if self.layout is not None:
+            abstract_state = self.layout.abstract
         requested = array_signatures(abstract_state)
         for step in reversed(self.steps()):
             try:
@@ -135,9 +208,13 @@ class Checkpoints:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, restored.state, restored.meta
             except Exception as e:  # any damage means: use the one before
                 self._set_aside(step, e)
+                continue
+            state = restored.state
+            if self.layout is not None:
+                state = self.layout.from_saved(state, wanted)
+            return step, state, restored.meta
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:

@@ -7,6 +7,7 @@ loop that drives these (logging, evaluation cadence, checkpoints, preemption) is
 `dvar_jax.train`; evaluation and memory planning use this module without it.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from dvar_jax.model.transformer import Transformer, TransformerConfig
+from dvar_jax.checkpoint import SavedLayout
+from dvar_jax.model.transformer import Transformer, TransformerConfig, stacked_over_layers
 from dvar_jax.objectives import Objective
 from dvar_jax.objectives.rows import BatchRows
 from dvar_jax.sharding import (
@@ -46,12 +48,16 @@ def lr_schedule(train_cfg: ConfigDict, num_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg: ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decay on >= 2-D parameters only (not norm gains)."""
+    """Global-norm clipping, then AdamW with decay on parameters of >= 2 dimensions per layer
+    only (not norm gains): a scanned model's [n_layers, d] gains are not decayed either."""
+    def decayed(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim - stacked_over_layers(path) >= 2, params)
+
     return optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(lr_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2,
-                    eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+                    eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decayed),
     )
 
 
@@ -82,6 +88,27 @@ def plan_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformat
         placement = Placement(mesh, train_state_shardings(jax.eval_shape(init), tx, mesh, rules),
                               batch_sharding(mesh, rules), replicated)
     return graphdef, init, placement
+
+
+def saved_model_config(model_cfg: TransformerConfig) -> TransformerConfig:
+    """The model whose parameter tree checkpoints hold: the blocks unrolled, one entry each,
+    whether or not this one scans them (dvar_jax/checkpoint.py)."""
+    return dataclasses.replace(model_cfg, scan_layers=False)
+
+
+def checkpoint_layout(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+                      mesh: Mesh, rules: LogicalRules = ()) -> SavedLayout | None:
+    """How checkpoints hold this model's train state when it holds it otherwise (a scanned
+    model): the saved layout's abstract state with its shardings on `mesh`; None when the two
+    are the same."""
+    saved_cfg = saved_model_config(model_cfg)
+    if saved_cfg == model_cfg:
+        return None
+    _, init, placement = plan_train_state(saved_cfg, tx, seed, mesh, rules)
+    abstract = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                     sharding=sharding),
+                            jax.eval_shape(init), placement.state)
+    return SavedLayout.of(abstract)
 
 
 def abstract_params(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, nnx.State]:

@@ -35,14 +35,20 @@ ABLATIONS_PREFIX = "ablations/"
 CPU_SUFFIX = "-cpu"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
-# CPU cost model for `sweep list` (README, "Performance": train tokens/s on a 2-core CPU,
-# batch 32 x 128, dropout 0, measured with benchmarks/train_throughput.py; cpu-xxs at batch 1-16
-# x 64, where the rates of all four sizes moved by less than run-to-run noise).
+# CPU cost model for `sweep list`: train tokens/s on a 2-core CPU by (size, objective,
+# tokenizer vocabulary), dropout 0. Vocabulary 4096 (the demo's): README, "Performance", batch
+# 32 x 128, measured with benchmarks/train_throughput.py; cpu-xxs at batch 1-16 x 64, where the
+# rates of all four sizes moved by less than run-to-run noise. Vocabulary 1024 (the small grid's):
+# median tokens/s of the grid's own runs at batch 8 x 64 (benchmarks/results/grid_demo_2026-12-04).
 CPU_TOKENS_PER_S = {
-    ("cpu-xxs", "ar"): 22_000, ("cpu-xxs", "diffusion"): 22_000,
-    ("cpu-xs", "ar"): 17_004, ("cpu-xs", "diffusion"): 17_686,
-    ("cpu-s", "ar"): 6_175, ("cpu-s", "diffusion"): 6_380,
-    ("cpu-m", "ar"): 2_639, ("cpu-m", "diffusion"): 2_767,
+    ("cpu-xxs", "ar", 4096): 22_000, ("cpu-xxs", "diffusion", 4096): 22_000,
+    ("cpu-xs", "ar", 4096): 17_004, ("cpu-xs", "diffusion", 4096): 17_686,
+    ("cpu-s", "ar", 4096): 6_175, ("cpu-s", "diffusion", 4096): 6_380,
+    ("cpu-m", "ar", 4096): 2_639, ("cpu-m", "diffusion", 4096): 2_767,
+    ("cpu-xxs", "ar", 1024): 90_000, ("cpu-xxs", "diffusion", 1024): 90_000,
+    ("cpu-xs", "ar", 1024): 50_000, ("cpu-xs", "diffusion", 1024): 50_000,
+    ("cpu-sm", "ar", 1024): 24_000, ("cpu-sm", "diffusion", 1024): 24_000,
+    ("cpu-s", "ar", 1024): 12_000, ("cpu-s", "diffusion", 1024): 12_000,
 }
 # A validation token is a forward pass only: about a third of a train token.
 EVAL_SPEEDUP = 3.0
@@ -254,7 +260,7 @@ def cpu_seconds(cfg: ConfigDict) -> float | None:
     # Measured for AR and masked diffusion; block diffusion runs diffusion's model over
     # [noisy; clean], twice the tokens (not measured).
     measured = "ar" if objective.causal else "diffusion"
-    rate = CPU_TOKENS_PER_S.get((cfg.model.name, measured))
+    rate = CPU_TOKENS_PER_S.get((cfg.model.name, measured, cfg.data.vocab_size))
     if rate is None:
         return None
     if objective.diffusion_block:

@@ -40,6 +40,7 @@ from dvar_jax.sharding import (
 )
 from dvar_jax.step import (
     TrainState,
+    checkpoint_layout,
     create_train_state,
     evaluate,
     lr_schedule,
@@ -208,7 +209,9 @@ class _Loop:
         self.writes = jax.process_index() == 0
         if self.writes:
             held.enter_context(run.hold())
-        self.checkpoints = Checkpoints(run.root, cfg.checkpoint.keep)
+        self.checkpoints = Checkpoints(run.root, cfg.checkpoint.keep,
+                                       layout=checkpoint_layout(model_cfg, tx, cfg.seed, mesh,
+                                                                rules))
         # pending: (step, metrics) of the steps not yet logged; saved with each checkpoint so a
         # resumed run logs exactly what an uninterrupted one would.
         self.pending: list[tuple[int, dict]] = []

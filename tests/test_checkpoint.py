@@ -337,6 +337,24 @@ def test_sigterm_saves_exits_zero_and_resumes(reference, corpus, env, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_scanned_run_stopped_then_resumed_unrolled_follows_the_reference(reference, corpus,
+                                                                         env, tmp_path):
+    """model.scan_layers may change on resume: the scanned half saves the unrolled layout, the
+    unrolled half continues from it. Scan and loop sum in another order, so float tolerance."""
+    proc = _start(tmp_path, corpus, env, "--config.model.scan_layers=true")
+    out, err = _kill_after(proc, tmp_path, 8, signal.SIGTERM)
+    assert proc.returncode == 0 and "SIGTERM received" in out, err[-3000:]
+    step = int(out.split("checkpoint at step ")[1].split()[0])
+    saved = read_saved_arrays(tmp_path / "checkpoints" / str(step) / "state")
+    assert "params/blocks/1/qkv/kernel" in saved and "params/blocks/qkv/kernel" not in saved
+    rc, out, err = _run(tmp_path, corpus, env)
+    assert rc == 0 and f"from the checkpoint at step {step}" in out, err[-3000:]
+    got, want = _losses(tmp_path), _losses(reference)
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(reference, corpus, env,
                                                                 tmp_path):
     proc = _start(tmp_path, corpus, env)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from dvar_jax.eval.evaluate import format_evaluation, parse_tasks, run_evaluation
 from dvar_jax.eval.loading import load_run
@@ -52,6 +53,21 @@ def test_validation_reproduces_the_training_time_evaluation(trained_runs, object
     assert result["bits_per_byte"] == pytest.approx(
         result["val_loss"] * result["tokens"] / math.log(2) / result["bytes"])
     assert result["val_loss_stderr"] == 0.0 if objective == "ar" else result["val_loss_stderr"] > 0
+
+
+def test_a_run_loads_scanned_with_the_same_parameters_and_loss(trained_runs):
+    """Checkpoints hold the blocks unrolled; loaded with scan_layers on, they are stacked,
+    layer i being block i, and validation gives the same loss."""
+    workdir = trained_runs["ar"]
+    plain = load_run(workdir, "latest")
+    scanned = load_run(workdir, "latest", scan_layers=True)
+    unrolled_blocks = nnx.state(plain.model, nnx.Param)["blocks"]
+    stacked = nnx.state(scanned.model, nnx.Param)["blocks"]["qkv"]["kernel"][...]
+    for layer in range(plain.model.cfg.n_layers):
+        np.testing.assert_array_equal(stacked[layer], unrolled_blocks[layer]["qkv"]["kernel"][...])
+    settings = {"num_mc": 1, "batch_size": 16, "seed": 0, "validation_tokens": 0}
+    assert evaluate_validation(scanned, **settings)["val_loss"] == pytest.approx(
+        evaluate_validation(plain, **settings)["val_loss"], rel=1e-6)
 
 
 def test_monte_carlo_error_matches_the_spread_over_seeds(trained_runs):

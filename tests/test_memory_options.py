@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dvar_jax.checkpoint import Checkpoints, abstract_like, array_signatures, relayout_blocks
 from dvar_jax.config import hardware_choices, transformer_config, validate_config
 from dvar_jax.configs.base import get_config
 from dvar_jax.model.transformer import REMAT_POLICIES, Transformer, TransformerConfig
 from dvar_jax.objectives import get_objective, objective_from_config
+from dvar_jax.sharding import make_mesh
 from dvar_jax.step import (
     accumulated_loss_and_grads,
+    checkpoint_layout,
     create_train_state,
     make_optimizer,
     make_train_step,
@@ -54,21 +57,33 @@ def _max_diff(a, b) -> float:
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def _unrolled(tree, like):
+    """A scanned model's tree (parameters, gradients) in the unrolled layout of `like`."""
+    return relayout_blocks(tree, like)
+
+
 @pytest.mark.parametrize("objective_name", ["ar", "diffusion"])
 def test_scanned_layers_equal_unrolled_ones_with_dropout_on(objective_name):
-    # Same parameters (the stored tree is one module per block either way), same dropout keys.
+    # Same initial parameters (stacked from the same blocks), same dropout keys.
     plain_loss, plain_grads = _loss_and_grads(_model_cfg(), objective_name)
     scan_loss, scan_grads = _loss_and_grads(_model_cfg(scan_layers=True), objective_name)
     assert scan_loss == pytest.approx(plain_loss, rel=1e-6)
-    assert jax.tree.structure(scan_grads) == jax.tree.structure(plain_grads)
-    assert _max_diff(scan_grads, plain_grads) < 1e-6
+    assert jax.tree.leaves(scan_grads)[0].shape[0] == 3  # stacked: [n_layers, ...]
+    assert _max_diff(_unrolled(scan_grads, plain_grads), plain_grads) < 1e-6
 
 
-def test_scan_keeps_the_parameter_tree_so_checkpoints_are_interchangeable():
+def test_a_scanned_model_stacks_the_unrolled_models_initial_blocks():
     unrolled = nnx.state(Transformer(_model_cfg(), rngs=nnx.Rngs(0)), nnx.Param)
     scanned = nnx.state(Transformer(_model_cfg(scan_layers=True), rngs=nnx.Rngs(0)), nnx.Param)
-    assert jax.tree.structure(unrolled) == jax.tree.structure(scanned)
-    assert _max_diff(unrolled, scanned) == 0.0
+    # Reference: the stack written out by hand, layer by layer.
+    for name in ("qkv", "attn_out", "mlp_in", "mlp_out"):
+        np.testing.assert_array_equal(
+            scanned["blocks"][name]["kernel"][...],
+            np.stack([unrolled["blocks"][i][name]["kernel"][...] for i in range(3)]))
+    assert scanned["blocks"]["attn_norm"]["scale"].get_metadata()["out_sharding"] == \
+        (None, "norm")
+    assert _max_diff(_unrolled(scanned, unrolled), unrolled) == 0.0
+    assert _max_diff(relayout_blocks(unrolled, scanned), scanned) == 0.0
 
 
 @pytest.mark.parametrize("remat", [r for r in REMAT_POLICIES if r != "none"])
@@ -77,7 +92,7 @@ def test_remat_policies_recompute_the_same_gradients(remat, scan):
     plain_loss, plain_grads = _loss_and_grads(_model_cfg())
     loss, grads = _loss_and_grads(_model_cfg(remat=remat, scan_layers=scan))
     assert loss == pytest.approx(plain_loss, rel=1e-6)
-    assert _max_diff(grads, plain_grads) < 1e-6
+    assert _max_diff(_unrolled(grads, plain_grads), plain_grads) < 1e-6
 
 
 def _matmuls_in_program(n_layers: int, scan: bool) -> int:
@@ -90,12 +105,36 @@ def _matmuls_in_program(n_layers: int, scan: bool) -> int:
 
 
 def test_a_scanned_model_holds_one_block_whatever_its_depth():
-    # What keeps compile time flat: the block is traced and compiled once (only the stacking of
-    # its parameters grows with depth). Timings: benchmarks/tpu_plan.py's compile column.
+    # The block is traced and compiled once (timings: benchmarks/scan_compile.py).
     assert _matmuls_in_program(8, scan=True) == _matmuls_in_program(2, scan=True)
     per_block = (_matmuls_in_program(8, scan=False) - _matmuls_in_program(2, scan=False)) / 6
     assert per_block >= 4  # q/k/v, scores, values, out, MLP in and out
     assert _matmuls_in_program(2, scan=True) == _matmuls_in_program(1, scan=False)
+
+
+def _train_step_program(n_layers: int, scan: bool) -> str:
+    cfg = _step_cfg("diffusion")
+    cfg.model.n_layers, cfg.model.scan_layers = n_layers, scan
+    objective = objective_from_config(cfg)
+    model_cfg = transformer_config(cfg, VOCAB, objective)
+    tx = make_optimizer(cfg.train, num_steps=10)
+    graphdef, state, _ = create_train_state(model_cfg, tx, seed=0)
+    step = make_train_step(graphdef, objective, tx, VOCAB, seed=0)
+    return step.lower(state, _tokens()).as_text()
+
+
+def test_a_scanned_train_step_is_the_same_program_at_every_depth():
+    """What keeps compile time flat in depth: the whole step (forward, backward, clipping and
+    the AdamW update of the stacked parameters) has the same operations at 2 and 12 layers;
+    only the layer count in the shapes differs. Unrolled, it grows with every layer."""
+    def operations(program: str) -> list[str]:
+        return [line.split("=", 1)[1].split()[0] for line in program.splitlines()
+                if "=" in line and line.lstrip().startswith("%")]
+
+    assert operations(_train_step_program(12, scan=True)) == \
+        operations(_train_step_program(2, scan=True))
+    assert len(operations(_train_step_program(12, scan=False))) > \
+        len(operations(_train_step_program(2, scan=False))) + 100
 
 
 def _step_cfg(objective_name: str):
@@ -147,6 +186,63 @@ def test_training_with_microbatches_follows_the_same_path(objective_name):
         runs[m] = (losses, state.params)
     np.testing.assert_allclose(runs[4][0], runs[1][0], rtol=1e-5)
     assert _max_diff(runs[4][1], runs[1][1]) < 1e-5
+
+
+@pytest.mark.parametrize("objective_name", ["ar", "diffusion"])
+def test_training_scanned_follows_the_unrolled_path(objective_name):
+    """Three optimizer steps: same losses, same parameters and moments. Covers the weight decay
+    mask too: a scanned model's [n_layers, d] norm gains are not decayed, as unrolled."""
+    cfg = _step_cfg(objective_name)
+    cfg.train.weight_decay = 0.5  # large, so a gain wrongly decayed would show
+    objective = objective_from_config(cfg)
+    tx = make_optimizer(cfg.train, num_steps=10)
+    runs = {}
+    for scan in (False, True):
+        cfg.model.scan_layers = scan
+        graphdef, state, _ = create_train_state(transformer_config(cfg, VOCAB, objective), tx,
+                                                seed=0)
+        step = make_train_step(graphdef, objective, tx, VOCAB, seed=0)
+        losses = []
+        for i in range(3):
+            state, metrics = step(state, _tokens(batch=8, seed=10 + i))
+            losses.append(float(metrics["loss"]))
+        runs[scan] = (losses, state)
+    (plain_losses, plain), (scan_losses, scanned) = runs[False], runs[True]
+    np.testing.assert_allclose(scan_losses, plain_losses, rtol=1e-5)
+    assert _max_diff(_unrolled(scanned, plain), plain) < 1e-5
+
+
+def test_a_scanned_run_saves_the_unrolled_layout_and_resumes_either_way(tmp_path):
+    cfg = _step_cfg("ar")
+    objective = objective_from_config(cfg)
+    tx = make_optimizer(cfg.train, num_steps=10)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    states, layouts = {}, {}
+    for scan in (False, True):
+        cfg.model.scan_layers = scan
+        model_cfg = transformer_config(cfg, VOCAB, objective)
+        graphdef, state, _ = create_train_state(model_cfg, tx, 0, mesh, cfg.mesh.rules)
+        state, _ = make_train_step(graphdef, objective, tx, VOCAB, seed=0)(state, _tokens())
+        states[scan] = state
+        layouts[scan] = checkpoint_layout(model_cfg, tx, 0, mesh, cfg.mesh.rules)
+    assert layouts[False] is None
+    saved = Checkpoints(tmp_path / "scanned", keep=1, async_save=False, layout=layouts[True])
+    saved.save(1, states[True], {"step": 1, "pending": []})
+    saved.close()
+    # On disk: the unrolled run's names, shapes and dtypes.
+    from orbax.checkpoint import PyTreeCheckpointHandler
+    on_disk = PyTreeCheckpointHandler().metadata(tmp_path / "scanned" / "checkpoints" / "1" /
+                                                 "state").tree
+    assert array_signatures(on_disk) == array_signatures(states[False])
+    # Read back unrolled (as an unrolled run or a tool would) and scanned.
+    step, unrolled, _ = Checkpoints(tmp_path / "scanned", keep=1).restore_latest(
+        abstract_like(states[False]))
+    assert step == 1
+    assert _max_diff(unrolled, _unrolled(states[True], states[False])) == 0.0
+    _, rescanned, _ = Checkpoints(tmp_path / "scanned", keep=1,
+                                  layout=layouts[True]).restore_latest(abstract_like(states[True]))
+    assert _max_diff(rescanned, states[True]) == 0.0
+    assert jax.tree.structure(rescanned) == jax.tree.structure(states[True])
 
 
 def _choices(platform, vocab=4096, **model):

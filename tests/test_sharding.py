@@ -76,9 +76,10 @@ def test_distributed_mode_is_checked_and_off_by_default_on_one_host(monkeypatch)
         maybe_initialize_distributed("maybe")
 
 
-def _shard_shapes_140m(mesh_sizes: dict[str, int]) -> dict[str, dict]:
+def _shard_shapes_140m(mesh_sizes: dict[str, int], scan_layers: bool = False) -> dict[str, dict]:
     cfg = get_config()
     cfg.model.name = "140M"
+    cfg.model.scan_layers = scan_layers
     model_cfg = transformer_config(cfg, tokenizer_vocab_size=50257)
     params = nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))),
                        nnx.Param)
@@ -108,6 +109,22 @@ def test_golden_partition_specs_of_the_140m_model_on_a_1x4x2_mesh():
     assert len(got) == 1 + 15 * 6 + 1  # embedding, 15 blocks x 6 tensors, final norm
     assert got["['embed']['embedding']"] == {
         "spec": ["tensor", "fsdp"], "shape": [50304, 768], "shard": [25152, 192]}
+
+
+def test_a_scanned_model_shards_each_layer_as_the_unrolled_model():
+    """Same rules: a stacked parameter's spec is the unrolled block's with the layer axis
+    (never sharded) in front, its shard the unrolled one's, one per layer."""
+    unrolled = json.loads(GOLDEN.read_text())
+    scanned = _shard_shapes_140m({"data": 1, "fsdp": 4, "tensor": 2}, scan_layers=True)
+    assert len(scanned) == 1 + 6 + 1
+    for path, got in scanned.items():
+        if not path.startswith("['blocks']"):
+            assert got == unrolled[path]
+            continue
+        for layer in range(15):
+            want = unrolled[path.replace("['blocks']", f"['blocks'][{layer}]", 1)]
+            assert got == {key: [first, *want[key]] for key, first in
+                           (("spec", None), ("shape", 15), ("shard", 15))}
 
 
 @pytest.fixture(scope="module")

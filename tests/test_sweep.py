@@ -113,7 +113,7 @@ def test_paper_grid_families_follow_the_study_protocol(paper_grid):
 def test_make_record_writes_the_grid_family(tmp_path):
     """The record's family is the config's (set by the grid's add_run); None when unset."""
     small_grid = load_grid("small")
-    name, cfg = next((n, c) for n, c in small_grid.runs if n == "ar-cpu-s-U80k-E1")
+    name, cfg = next((n, c) for n, c in small_grid.runs if n == "ar-cpu-s-U600k-E1")
     run_dir = tmp_path / name
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text(json.dumps(
@@ -122,7 +122,7 @@ def test_make_record_writes_the_grid_family(tmp_path):
                "best_val_loss": 5.0, "final_val_loss": 5.1, "best_epoch": 1.0}
     record = sweep.make_record(small_grid, name, cfg, summary, run_dir)
     assert record["family"] == "isoflop" and record["best_step"] == 7
-    series = dict(small_grid.runs)["ar-cpu-s-U5k-E4"]
+    series = dict(small_grid.runs)["ar-cpu-s-U20k-E10"]
     assert sweep.make_record(small_grid, name, series, summary, run_dir)["family"] == \
         "data_constrained"
     unset = cfg.copy_and_resolve_references()
@@ -187,13 +187,16 @@ def test_small_grid_covers_the_design_within_90_minutes_of_cpu():
     assert seconds is not None and seconds < 90 * 60
 
 
-def test_small_grid_batch_floor_hand_computed():
-    # 5,000 tokens are 78 windows of 64: 4 epochs are 312 windows, so batch 2 (156 steps) is
-    # the largest with 150 steps; 100 epochs allow batch 16 (487 steps).
-    assert small.batch_size_for(5_000, 4) == 2
-    assert small.batch_size_for(5_000, 100) == 16
-    # 200 windows are too few for 150 steps even at batch 1: the smallest batch.
-    assert small.batch_size_for(64 * 100 + 1, 1) == 1
+def test_small_grid_smallest_cell_hand_computed():
+    # 190,000 fresh tokens are 2,968 windows of 64 (the first token of each next window is the
+    # last target): 371 steps of 8; U = 20k at 10 epochs is 312 windows x 10 / 8 = 390 steps.
+    steps = {name: sweep.num_steps(cfg) for name, cfg in small.get_grid()}
+    assert min(steps.values()) == 371 == steps["diffusion-cpu-xxs-U190k-E1"]
+    assert steps["ar-cpu-s-U20k-E10"] == 390
+    assert small.MIN_STEPS <= 371
+    cfg = dict(small.get_grid())["diffusion-cpu-s-U20k-E100"]
+    assert (cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.train.batch_size) == (1024, "bpe", 8)
+    assert cfg.eval.every_epochs == 1.0 and cfg.data.validation_tokens == 8192
 
 
 def test_small_grid_estimate_is_printed(capsys):
@@ -446,12 +449,12 @@ def test_sweep_run_emit_commands_from_the_command_line(tmp_path, capsys):
 
 
 def test_sweep_list_applies_overrides(capsys):
-    argv = ["dvar", "sweep", "list", "--grid=small", "--only=ar-cpu-s-U20k-E12",
-            "--config.train.batch_size=8"]
+    argv = ["dvar", "sweep", "list", "--grid=small", "--only=ar-cpu-s-U20k-E30",
+            "--config.train.batch_size=16"]
     assert main(argv) == 0
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
-              if line.startswith("ar-cpu-s-U20k-E12 ")]
-    assert row[5] == "468"  # steps: 12 epochs x 312 windows of 64 tokens / batch 8
+              if line.startswith("ar-cpu-s-U20k-E30 ")]
+    assert row[5] == "585"  # steps: 30 epochs x 312 windows of 64 tokens / batch 16
 
 
 @pytest.mark.parametrize("sub, words", [

@@ -55,8 +55,9 @@ def get_config() -> ConfigDict:
     # block's input only: recompute the rest) or "dots" (also the outputs of the projections,
     # jax.checkpoint_policies.dots_with_no_batch_dims_saveable). Numbers do not change.
     c.model.remat = "none"
-    # Run the blocks under jax.lax.scan: one block is compiled whatever the depth. Parameters,
-    # checkpoints and sharding are the same as unrolled (blocks are stacked at call time).
+    # Run the blocks under jax.lax.scan, their parameters stored stacked [n_layers, ...]: one
+    # block and its optimizer update are compiled whatever the depth. Initial parameters,
+    # checkpoints (always saved unrolled) and sharding rules are the unrolled model's.
     c.model.scan_layers = False
 
     # The study's AR ablations (PAPER.md §8); objective="ar" only. The defaults are plain AR.

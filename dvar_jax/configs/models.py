@@ -56,6 +56,7 @@ PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 CPU_SIZES: dict[str, tuple[int, int, int, int]] = {
     "cpu-xxs": (32, 2, 1, 32),
     "cpu-xs": (64, 2, 2, 32),
+    "cpu-sm": (96, 3, 3, 32),  # between cpu-xs and cpu-s: the small grid's fourth size
     "cpu-s": (128, 4, 4, 32),
     "cpu-m": (192, 6, 6, 32),
     "cpu-l": (256, 8, 8, 32),

@@ -8,13 +8,13 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dvar_jax.checkpoint import restore_params
+from dvar_jax.checkpoint import relayout_blocks, restore_params
 from dvar_jax.config import transformer_config, validate_config
 from dvar_jax.data.pipeline import RunData, open_run_data
 from dvar_jax.model.transformer import Transformer
 from dvar_jax.objectives import Objective, objective_from_config
 from dvar_jax.run_dir import RunDir
-from dvar_jax.step import abstract_params
+from dvar_jax.step import abstract_params, saved_model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,9 @@ def load_run(workdir: str | Path, checkpoint: str = "best", **model_overrides) -
     model_cfg = transformer_config(cfg, data.tokenizer.vocab_size, objective)
     model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     graphdef, abstract = abstract_params(model_cfg)
-    params = restore_params(run.checkpoint_state_dir(step), abstract, jax.devices()[0])
+    _, saved = abstract_params(saved_model_config(model_cfg))
+    params = restore_params(run.checkpoint_state_dir(step), saved, jax.devices()[0])
+    if saved_model_config(model_cfg) != model_cfg:  # a scanned model: stack the saved blocks
+        params = jax.jit(lambda p: relayout_blocks(p, abstract))(params)
     model = nnx.merge(graphdef, params)
     return LoadedRun(run.root, cfg, objective, model, data, step)

@@ -10,16 +10,19 @@ pass: RoPE position ids, target positions and a dense attention mask.
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `mlp`, ...) so that a
 rule table can map them onto a device mesh.
 
-Memory and compile time (`remat`, `scan_layers`): the blocks are stored as a list of modules in
-every mode, so parameters, checkpoints and sharding rules do not depend on either option. Each
-block is applied through one pure function of (its parameters, inputs); `remat` wraps that
-function in `jax.checkpoint` with a policy, and `scan_layers` stacks the blocks' parameters along
-a leading layer axis at call time and runs the function under `jax.lax.scan`, so the block is
-traced and compiled once whatever the depth.
+Memory and compile time (`remat`, `scan_layers`): each block is applied through one pure
+function of (its parameters, inputs), which `remat` wraps in `jax.checkpoint` with a policy.
+Unrolled, the blocks are a list of modules. Scanned, they are one module whose parameters are
+stacked along a leading layer axis (logical name None: never sharded), so the block, its gradient
+and the optimizer's update of its parameters are each traced and compiled once whatever the
+depth. The initial parameters are the same in both layouts (built block by block, then stacked),
+and checkpoints always hold the unrolled layout (`dvar_jax.checkpoint.relayout_blocks`), so a run
+may resume scanned or not.
 """
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -207,6 +210,31 @@ def _apply_block(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cos: j
     return constrain(nnx.merge(graphdef, params)(x, cos, sin, keys, mask), RESIDUAL_AXES)
 
 
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+    """One Block whose parameters are `blocks`' stacked along a new leading layer axis
+    ([n_layers, ...] leaves, logical axis None in front of each parameter's own names): the
+    layout a scan over layers runs over."""
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        first = variables[0]
+        return first.replace(jnp.stack([v.get_value() for v in variables]),
+                             out_sharding=(None, *first.get_metadata()["out_sharding"]))
+
+    states = [nnx.state(block) for block in blocks]
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(nnx.graphdef(blocks[0]), stacked)
+
+
+def stacked_over_layers(path: Sequence) -> bool:
+    """Whether the parameter at `path` (a pytree path into the model's parameter State, as
+    jax.tree_util gives it) is stacked along a leading layer axis: under `blocks` without a layer
+    index, i.e. a scanned model's."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if "blocks" not in names:
+        return False
+    after = names.index("blocks") + 1
+    return after < len(names) and not names[after].isdigit()
+
+
 class Transformer(nnx.Module):
     """Token ids [batch, seq] -> logits [batch, seq, vocab_size] (float32)."""
 
@@ -221,7 +249,9 @@ class Transformer(nnx.Module):
                 cfg.target_positions, cfg.d_model, dtype=dtype,
                 embedding_init=nnx.initializers.normal(cfg.init_std),
                 embedding_metadata=_param_meta(None, "embed"), rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        # Built one by one in both layouts, so that a seed gives the same initial parameters.
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+        self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                       scale_metadata=_param_meta("norm"), rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout)
@@ -255,20 +285,19 @@ class Transformer(nnx.Module):
     def _blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, keys: jax.Array | None,
                 mask: jax.Array | None) -> jax.Array:
         """Every block in order, unrolled or scanned, each under the remat policy."""
-        graphdef = nnx.graphdef(self.blocks[0])  # every block has the same structure
-        layer_params = [nnx.state(block) for block in self.blocks]
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.blocks)  # [n_layers, ...] leaves
+        else:
+            graphdef = nnx.graphdef(self.blocks[0])  # every block has the same structure
         apply = partial(_apply_block, graphdef)
         if self.cfg.remat != "none":
             # Under scan the body is not inlined twice, so XLA's CSE cannot undo the remat.
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
                                    prevent_cse=not self.cfg.scan_layers)
         if not self.cfg.scan_layers:
-            for i, params in enumerate(layer_params):
-                x = apply(params, x, cos, sin, None if keys is None else keys[i], mask)
+            for i, block in enumerate(self.blocks):
+                x = apply(nnx.state(block), x, cos, sin, None if keys is None else keys[i], mask)
             return x
-        # Stacked at call time: a [n_layers, ...] copy of the block parameters that lives for
-        # the step; the stored parameters stay one module per block.
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_params)
 
         def body(x, layer):
             params, layer_keys = layer
