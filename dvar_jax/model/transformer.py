@@ -256,6 +256,21 @@ class Transformer(nnx.Module):
                                       scale_metadata=_param_meta("norm"), rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """tokens [batch, seq] int -> embeddings [batch, seq, d_model], on the residual stream's
+        sharding.
+
+        The table is gathered whole along `embed` before the lookup, as FSDP gathers every
+        weight before use. Looked up from a table split on `embed` over fsdp, the rows come out
+        split on `embed`, and XLA can only reach the batch-split residual stream (and the
+        gradient the way back) by replicating them first: the "involuntary full
+        rematerialization" it warns about on meshes with both fsdp and data or tensor.
+        """
+        (table,) = self.embed.promote_dtype((self.embed.embedding[...],), dtype=self.embed.dtype,
+                                            inexact=False)
+        table = constrain(table, ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0), RESIDUAL_AXES)
+
     def hidden_states(self, x: jax.Array, positions: jax.Array | None = None,
                       dropout_rng: jax.Array | None = None, *,
                       target_positions: jax.Array | None = None,
@@ -309,7 +324,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
         """tokens: [batch, seq] int -> logits [batch, seq, vocab_size] float32."""
-        h = self.hidden_states(self.embed(tokens), positions, dropout_rng)
+        h = self.hidden_states(self.embed_tokens(tokens), positions, dropout_rng)
         return self.embed.attend(h).astype(jnp.float32)
 
     def sequence_losses(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -325,7 +340,7 @@ class Transformer(nnx.Module):
         `hidden_states`. The objectives' one entry point: with `loss_impl` chunked or pallas the
         [batch, n, vocab] logits are never built (model/output.py).
         """
-        h = self.hidden_states(self.embed(tokens), positions, dropout_rng,
+        h = self.hidden_states(self.embed_tokens(tokens), positions, dropout_rng,
                                target_positions=target_positions, attention_mask=attention_mask)
         h = h[:, :targets.shape[1]]
         if self.cfg.loss_impl == "xla":
