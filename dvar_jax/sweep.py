@@ -39,15 +39,17 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 # tokenizer vocabulary), dropout 0. Vocabulary 4096 (the demo's): README, "Performance", batch
 # 32 x 128, measured with benchmarks/train_throughput.py; cpu-xxs at batch 1-16 x 64, where the
 # rates of all four sizes moved by less than run-to-run noise. Vocabulary 1024 (the small grid's):
-# median tokens/s of the grid's own runs at batch 8 x 64 (benchmarks/results/grid_demo_2026-12-04).
+# median tokens/s of the grid's diffusion runs at batch 8 x 64 on 2026-12-04, for both objectives
+# (AR's own runs shared the cores with other jobs; in the pilots the two differed by < 5%;
+# benchmarks/results/grid_demo_2026-12-04b).
 CPU_TOKENS_PER_S = {
     ("cpu-xxs", "ar", 4096): 22_000, ("cpu-xxs", "diffusion", 4096): 22_000,
     ("cpu-xs", "ar", 4096): 17_004, ("cpu-xs", "diffusion", 4096): 17_686,
     ("cpu-s", "ar", 4096): 6_175, ("cpu-s", "diffusion", 4096): 6_380,
     ("cpu-m", "ar", 4096): 2_639, ("cpu-m", "diffusion", 4096): 2_767,
-    ("cpu-xxs", "ar", 1024): 90_000, ("cpu-xxs", "diffusion", 1024): 90_000,
-    ("cpu-xs", "ar", 1024): 50_000, ("cpu-xs", "diffusion", 1024): 50_000,
-    ("cpu-sm", "ar", 1024): 24_000, ("cpu-sm", "diffusion", 1024): 24_000,
+    ("cpu-xxs", "ar", 1024): 100_000, ("cpu-xxs", "diffusion", 1024): 100_000,
+    ("cpu-xs", "ar", 1024): 40_000, ("cpu-xs", "diffusion", 1024): 40_000,
+    ("cpu-sm", "ar", 1024): 28_000, ("cpu-sm", "diffusion", 1024): 28_000,
     ("cpu-s", "ar", 1024): 12_000, ("cpu-s", "diffusion", 1024): 12_000,
 }
 # A validation token is a forward pass only: about a third of a train token.

@@ -62,3 +62,22 @@ def test_write_plots_without_laws_or_groups(tmp_path):
                                        "critical_compute.png"]
     for p in paths:
         assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000, p.name
+
+
+def test_an_undetermined_half_life_does_not_flatten_the_data_value_plot(tmp_path, monkeypatch):
+    """A fit that runs R_D* to its edge (1e50, as the CPU grid's diffusion) keeps the y axis on
+    the plotted epochs: its ceiling line is left out, the finite one drawn."""
+    from dvar_jax.scaling import plots
+
+    seen = {}
+
+    def keep_axes(fig, ax, path):
+        seen["ylim"], seen["lines"] = ax.get_ylim(), len(ax.get_lines())
+        return path
+
+    monkeypatch.setattr(plots, "_finish", keep_axes)
+    laws = {"ar": {**LAWS["ar"], "rd_star": 7.2}, "diffusion": {**LAWS["diffusion"],
+                                                               "rd_star": 2.4e50}}
+    plots.plot_data_value(laws, tmp_path / "v.png")
+    assert seen["ylim"][1] < 1e5
+    assert seen["lines"] == 1 + 2 + 1  # fresh data, two laws, AR's ceiling only

@@ -162,7 +162,8 @@ def plot_iso_flops(records: Sequence[Mapping], fits: Mapping, path: Path, *,
 
 def plot_data_value(fits: Mapping, path: Path) -> Path:
     """Effective vs actual data in epochs: D'/U against D/U per objective, with the fresh-data
-    line (D' = D) and each law's ceiling 1 + R_D*."""
+    line (D' = D) and each law's ceiling 1 + R_D* (drawn only where it is inside the plotted
+    epochs: an undetermined R_D* of 1e50 would flatten every curve)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     epochs = np.geomspace(1, 2000, 200)
@@ -171,7 +172,8 @@ def plot_data_value(fits: Mapping, path: Path) -> Path:
         eff = effective_tokens(law, epochs, 1.0)
         ax.plot(epochs, eff, color=_color(obj), lw=2,
                 label=f"{obj}: R_D* = {law['rd_star']:.3g}")
-        ax.axhline(1 + law["rd_star"], color=_color(obj), ls=":", lw=1)
+        if 1 + law["rd_star"] <= epochs[-1]:
+            ax.axhline(1 + law["rd_star"], color=_color(obj), ls=":", lw=1)
     if not fits:
         ax.text(0.5, 0.5, "no fitted laws", ha="center", transform=ax.transAxes)
     ax.set(xscale="log", yscale="log", xlabel="epochs trained (D / U)",
