@@ -125,15 +125,17 @@ class SavedLayout:
 
     @classmethod
     def of(cls, saved_abstract) -> "SavedLayout":
-        shardings = jax.tree.map(lambda x: x.sharding, saved_abstract)
-        return cls(saved_abstract, jax.jit(lambda state: relayout_blocks(state, saved_abstract),
-                                           out_shardings=shardings))
+        return cls(saved_abstract, _placed_relayout(saved_abstract))
 
     def from_saved(self, saved, abstract_state):
         """A restored saved-layout state rearranged as `abstract_state` says (its shardings)."""
-        shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-        return jax.jit(lambda tree: relayout_blocks(tree, abstract_state),
-                       out_shardings=shardings)(saved)
+        return _placed_relayout(abstract_state)(saved)
+
+
+def _placed_relayout(target) -> Callable:
+    """`relayout_blocks` into `target`, jitted to place every leaf as `target`'s shardings say."""
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    return jax.jit(lambda tree: relayout_blocks(tree, target), out_shardings=shardings)
 
 
 def _epath(where: "str | Path | epath.Path") -> epath.Path:

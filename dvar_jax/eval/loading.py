@@ -57,9 +57,10 @@ def load_run(workdir: str | Path, checkpoint: str = "best", **model_overrides) -
     model_cfg = transformer_config(cfg, data.tokenizer.vocab_size, objective)
     model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     graphdef, abstract = abstract_params(model_cfg)
-    _, saved = abstract_params(saved_model_config(model_cfg))
+    saved_cfg = saved_model_config(model_cfg)
+    saved = abstract if saved_cfg == model_cfg else abstract_params(saved_cfg)[1]
     params = restore_params(run.checkpoint_state_dir(step), saved, jax.devices()[0])
-    if saved_model_config(model_cfg) != model_cfg:  # a scanned model: stack the saved blocks
+    if saved is not abstract:  # a scanned model: stack the saved blocks
         params = jax.jit(lambda p: relayout_blocks(p, abstract))(params)
     model = nnx.merge(graphdef, params)
     return LoadedRun(run.root, cfg, objective, model, data, step)
