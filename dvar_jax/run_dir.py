@@ -322,7 +322,7 @@ class RunDir:
 
     def _check_gcs_writable(self) -> None:
         storage.check_bucket(self.root)
-        if self.root.is_file():
+        if storage.is_object(self.root):
             raise ValueError(f"{self._flag()} is an object, not a folder; give a folder (an "
                              "existing run to resume, or a new one)")
         probe = self.root / f".dvar-write-probe-{uuid.uuid4().hex}"

@@ -146,6 +146,19 @@ def delete_object(where: str | os.PathLike, generation: int | None = None) -> bo
     return True
 
 
+def is_object(where: str | os.PathLike) -> bool:
+    """True when an object is stored under exactly this name. One metadata read: epath's
+    `is_file()` is `exists() and not is_dir()`, two reads, and a folder whose only object
+    vanishes between them (another host's write probe) looks like a file."""
+    fs = filesystem()
+    bucket, key = bucket_and_key(where)
+    try:
+        fs.call("GET", _object_url(bucket, key), json_out=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def check_bucket(where: str | os.PathLike) -> None:
     """ValueError naming the bucket of a gs:// location when it does not exist or cannot be
     seen with this process's credentials."""

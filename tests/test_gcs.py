@@ -181,3 +181,37 @@ def test_gcs_objects_honour_generation_preconditions(gcs_bucket):
     assert storage.read_object(where) == (b"d", new)
     assert storage.delete_object(where, new) and storage.read_object(where) is None
     np.testing.assert_equal(storage.is_gcs(where), True)
+
+
+def test_a_gcs_workdir_that_is_an_object_is_refused(gcs_bucket, text_data_cfg, capsys):
+    storage.create_object(f"{gcs_bucket}/runs/x", b"not a run")
+    rc = main(_train_args(f"{gcs_bucket}/runs/x", text_data_cfg))
+    assert rc == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--workdir='{gcs_bucket}/runs/x' is an object, not a folder" in line, line
+    assert storage.read_object(f"{gcs_bucket}/runs/x")[0] == b"not a run"
+
+
+def test_a_folder_whose_objects_come_and_go_is_never_taken_for_an_object(gcs_bucket):
+    """The hosts of a slice check one run folder at once, and each writes and deletes a probe
+    object in it: a folder holding only another host's probe must never read as an object
+    (epath's is_file() did, when the probe went between its exists() and is_dir())."""
+    folder = f"{gcs_bucket}/sweep/run"
+    stop = threading.Event()
+
+    def other_host():
+        while not stop.is_set():
+            probe = f"{folder}/.probe-{time.monotonic_ns()}"
+            storage.delete_object(probe, storage.create_object(probe, b""))
+
+    thread = threading.Thread(target=other_host)
+    thread.start()
+    try:
+        seen = [storage.is_object(folder) for _ in range(300)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not any(seen)
+    assert not storage.is_object(f"{folder}/nothing-here")
+    storage.create_object(f"{folder}/kept", b"x")
+    assert storage.is_object(f"{folder}/kept") and not storage.is_object(folder)
