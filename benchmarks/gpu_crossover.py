@@ -4,6 +4,8 @@ and, optionally, the throughput benchmark: issue 17's measurement in one bounded
     python benchmarks/gpu_crossover.py --out /tmp/xo                       # whole grid
     python benchmarks/gpu_crossover.py --out /tmp/xo --deadline-s 380 --throughput-s 100
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo --figure docs/crossover_gpu.png
+    python benchmarks/gpu_crossover.py --collect --grid configs/grids/crossover_cpu.py \
+        --workroot runs/crossover-cpu --out /tmp/xo-cpu    # runs a `dvar sweep run` trained
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo-all \\
         --results /tmp/xo/results.json,/tmp/xo-drop/results.json   # merge two sessions
     # smoke test on a CPU: tiny models, 2% of the epochs (about 4 minutes on 2 cores)
@@ -53,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_GRID = ROOT / "configs" / "crossover.py"
 H200_BF16_MEASURED = 790e12  # the device notes' 8192^3 bf16 matmul, FLOP/s
+LABELLED_RUNS = 8  # per objective and U in the figure; more are drawn faint, unlabelled
 START = time.time()
 
 
@@ -72,6 +75,8 @@ def load_grid_module(path: Path):
 
 
 def grid_runs(args) -> list:
+    if not Path(args.grid).is_file():
+        raise SystemExit(f"--grid={args.grid!r} is not a file; give a .py file with get_grid()")
     runs = load_grid_module(Path(args.grid)).get_grid()
     if args.only:
         import fnmatch
@@ -111,9 +116,13 @@ def run_one(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
+    from dvar_jax.configs.models import model_shape
     from dvar_jax.scaling.flops import paper_param_count
 
-    d, layers = cfg.model.d_model, cfg.model.n_layers
+    if cfg.model.name == "custom":
+        d, layers = cfg.model.d_model, cfg.model.n_layers
+    else:  # a named size (cpu-sm, 140M, ...)
+        d, layers, _, _ = model_shape(cfg.model.name)
     windows = cfg.data.unique_tokens // cfg.data.seq_len
     steps = math.floor(cfg.data.epochs * windows / cfg.train.batch_size)
     n = paper_param_count(d, layers, cfg.data.vocab_size)
@@ -225,20 +234,35 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
               "diffusion": ["#d62728", "#ff7f0e", "#8c2d04", "#e377c2", "#bcbd22", "#7f7f7f"]}
     for ax, u in zip(axes[0], us, strict=True):
         v = next(v for v in vs if v["unique_tokens"] == u)
+        at_u = [r for r in rows if r["unique_tokens"] == u and r["curve"]]
+        best = {v.get("ar_run"), v.get("diffusion_run")}
         seen = {"ar": 0, "diffusion": 0}
-        for r in (r for r in rows if r["unique_tokens"] == u and r["curve"]):
-            obj = r["objective"]
-            color = colors[obj][seen[obj] % 6]
-            seen[obj] += 1
-            _, loss, flops = zip(*r["curve"], strict=True)
-            pts = [(f, x) for f, x in zip(flops, loss, strict=True) if f > 0]
-            if not pts:
-                continue
-            label = (f"{obj} {r['d_model']}x{r['n_layers']} ({r['params'] / 1e6:.1f}M), "
-                     f"{r['epochs']:g} ep" + (f", drop {r['dropout']:g}" if r["dropout"] else "")
-                     + ("" if r["state"] == "done" else f" [{r['state']}]"))
-            ax.plot(*zip(*pts, strict=True), color=color, lw=1.4,
-                    ls="-" if obj == "diffusion" else "--", label=label)
+        for obj in ("ar", "diffusion"):
+            mine = [r for r in at_u if r["objective"] == obj]
+            # Past LABELLED_RUNS an objective's runs are drawn faint and unlabelled, all but
+            # its best: a legend of dozens of runs hides the curves.
+            crowded = len(mine) > LABELLED_RUNS
+            others = 0
+            for r in sorted(mine, key=lambda r: r["name"] in best):
+                _, loss, flops = zip(*r["curve"], strict=True)
+                pts = [(f, x) for f, x in zip(flops, loss, strict=True) if f > 0]
+                if not pts:
+                    continue
+                label = (f"{obj} {r['d_model']}x{r['n_layers']} ({r['params'] / 1e6:.1f}M), "
+                         f"{r['epochs']:g} ep" + (f", drop {r['dropout']:g}" if r["dropout"]
+                                                  else "")
+                         + ("" if r["state"] == "done" else f" [{r['state']}]"))
+                ls = "-" if obj == "diffusion" else "--"
+                if crowded and r["name"] not in best:
+                    others += 1
+                    ax.plot(*zip(*pts, strict=True), color=colors[obj][0], lw=0.7, alpha=0.3,
+                            ls=ls, label=f"{len(mine) - 1} other {obj} runs" if others == 1
+                            else None)
+                    continue
+                color = colors[obj][seen[obj] % 6]
+                seen[obj] += 1
+                ax.plot(*zip(*pts, strict=True), color=color, ls=ls,
+                        lw=2.0 if crowded else 1.4, label=label + (" (best)" if crowded else ""))
         if "ar_best" in v:
             ax.axhline(v["ar_best"], color="#1f77b4", lw=0.8, ls=":",
                        label=f"AR best {v['ar_best']:.3f}")
@@ -249,8 +273,8 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
             ax.axvline(v["crossover_flops"], color="#2ca02c", lw=1.0, ls=":",
                        label=f"measured crossover {v['crossover_flops']:.1e}")
         ax.set_xscale("log")
-        lo = min(x for r in rows if r["unique_tokens"] == u for (_, x, _) in r["curve"])
-        ax.set_ylim(lo - 0.15, lo + 2.5)
+        lo = min(x for r in at_u for (_, x, _) in r["curve"])
+        ax.set_ylim(lo - 0.15, lo + (1.5 if len(at_u) > LABELLED_RUNS else 2.5))
         ax.set_xlabel("training FLOPs, C = 6 N D")
         ax.set_ylabel("validation loss (nats / token)")
         verdict = ""
@@ -476,6 +500,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-env", action="store_true")
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the figure and tables from OUT/results.json")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: read the grid's runs from --workroot (trained before, "
+                        "e.g. by `dvar sweep run`) and write the tables and the figure")
     p.add_argument("--results", default="",
                    help="with --plot-only: comma-separated results.json files to merge "
                         "(default OUT/results.json)")
@@ -500,6 +527,16 @@ def main(argv=None) -> int:
         (out / "results.md").write_text(results_markdown(rows, vs))
         (out / "results.json").write_text(json.dumps({"runs": rows, "verdicts": vs}, indent=1))
         print(plot(rows, vs, Path(args.figure or out / "crossover.png")))
+        return 0
+    if args.collect:
+        if not Path(args.workroot).is_dir():
+            raise SystemExit(f"--collect: --workroot={args.workroot!r} is not a folder; give "
+                             "the folder the grid's runs were trained in")
+        runs = grid_runs(args)
+        info = {n: {"state": "done" if (Path(args.workroot) / n / "summary.json").exists()
+                    else "not done"} for n, _ in runs}
+        write_outputs(args, runs, Path(args.workroot), info, final=True)
+        print((out / "results.md").read_text(), flush=True)
         return 0
     if not args.skip_env:
         env_phase(args)

@@ -493,7 +493,8 @@ BAD = [
     (["sweep", "frob"], "unknown action 'frob'; choose one of: list, run"),
     (["sweep", "--grid=small"], "dvar sweep: choose an action: list or run"),
     (["sweep", "list"], "--grid is required"),
-    (["sweep", "list", "--grid=nope"], "--grid='nope' is not a known grid; allowed: paper, small"),
+    (["sweep", "list", "--grid=nope"],
+     "--grid='nope' is not a known grid; allowed: crossover_cpu, paper, small"),
     (["sweep", "list", "--grid=no/such.py"], "--grid='no/such.py': no such file"),
     (["sweep", "list", "--grid=small", "--bogus"], "`dvar sweep list --help` lists the flags"),
     (["sweep", "list", "--grid=small", "--config=configs/demo.py"],
@@ -666,3 +667,29 @@ def test_crossover_grid_allocates_each_objective_its_own_size_and_epochs():
     widths = {(c.model.d_model, c.model.n_layers) for c in configs}
     assert widths == set(crossover.SIZES.values())
     assert all(validate_config(c) is None for c in configs)
+
+
+def test_cpu_crossover_grid_extends_the_small_grid_at_its_settings():
+    """configs/grids/crossover_cpu.py: the small grid's U = 20k cells under their own names and
+    configs (so make grid-demo's folder serves), and search runs that differ from the small
+    grid's settings only in dropout, epochs, validation count and the variant they name."""
+    from configs.grids import crossover_cpu
+
+    runs = dict(load_grid("crossover_cpu").runs)
+    taken = {n: c for n, c in small.get_grid() if c.data.unique_tokens == 20_000}
+    assert all(runs[n].to_json() == c.to_json() for n, c in taken.items())
+    assert len(runs) == len(taken) + len(crossover_cpu.RUNS)
+    for objective, size, unique, epochs, dropout, variant in crossover_cpu.RUNS:
+        name = crossover_cpu.search_name(objective, size, unique, epochs, dropout, variant)
+        cfg = runs[name].to_dict()
+        ref = small.grid_config(objective, size, unique, epochs).to_dict()
+        assert cfg["model"]["hidden_dropout"] == cfg["model"]["attention_dropout"] == dropout
+        assert cfg["train"]["peak_lr"] == variant.get("lr", small.PEAK_LR), name
+        assert cfg["train"]["batch_size"] == variant.get("batch", small.BATCH_SIZE), name
+        assert cfg["seed"] == variant.get("seed", ref["seed"]), name
+        for section in ("data", "objective"):
+            assert cfg[section] == ref[section], (name, section)
+        assert validate_config(runs[name]) is None
+    assert {c.objective for c in runs.values()} == {"ar", "diffusion"}
+    with pytest.raises(ValueError, match=r"variant keys \['warmup'\] unknown; allowed"):
+        crossover_cpu.search_config("ar", "cpu-xs", 20_000, 30, 0.1, {"warmup": 0.1})

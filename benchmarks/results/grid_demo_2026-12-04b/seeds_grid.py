@@ -1,7 +1,8 @@
 """Seed spread of the small grid's isoFLOP cells (configs/grids/small.py): the U = 600k, one-epoch
 cells of cpu-xs and cpu-sm, both objectives, at seeds 1 and 2 (the grid ran seed 1234).
 
-    dvar sweep run --grid=benchmarks/results/grid_demo_2026-12-04b/seeds_grid.py --workdir=/tmp/seeds
+    dvar sweep run --workdir=/tmp/seeds \\
+        --grid=benchmarks/results/grid_demo_2026-12-04b/seeds_grid.py
 """
 
 import importlib.util

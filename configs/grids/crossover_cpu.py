@@ -1,0 +1,104 @@
+"""The crossover search on 2 CPU cores (issue 17, point 3): how close masked diffusion comes to
+AR at U = 10k and 20k unique tokens of the embedded corpus, each objective with its own size,
+epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
+
+    dvar sweep list --grid=crossover_cpu                  # the runs, their steps and FLOPs
+    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu      # about 2 h here
+    python benchmarks/gpu_crossover.py --collect --grid configs/grids/crossover_cpu.py \\
+        --workroot runs/crossover-cpu --out runs/crossover-cpu/report   # tables and the figure
+
+Every run has the small grid's settings (`configs/grids/small.py`: 1,024-token BPE vocabulary,
+batch 8 x 64, peak lr 3e-3 with cosine decay over the whole run, the same 8,192 validation
+tokens), at the sizes cpu-xxs to cpu-s (54k-888k parameters):
+
+- the small grid's own cells at U = 20k (both objectives, 10, 30 and 100 epochs, no dropout),
+  taken over under their names, so `make grid-demo`'s run folder serves for them;
+- AR at 30 epochs with dropout 0.1 and 0.2 (its best comes within 4-10 epochs);
+- diffusion at 300-1000 epochs with dropout 0.1 and 0.2 (the study's code runs 0.1), one run at
+  another seed, one at lr 1e-3 and one at batch 32;
+- at U = 10k, AR at 30 epochs and diffusion at 300 and 600 with dropout 0.1.
+
+Measured 2026-12-05 (benchmarks/results/crossover_cpu_2026-12-05/, docs/crossover_cpu.png): no
+crossover. The closest is U = 20k: diffusion 4.784 (cpu-sm, 300 epochs, dropout 0.1) against
+AR's 4.723 (cpu-sm, 100-epoch schedule, best at an early epoch), 0.06 nats apart, at 14x the
+study's C_crit(20k). Past 300 epochs diffusion overfits too, with or without dropout.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from dvar_jax.configs.grids import add_run, run_name
+
+_SMALL = Path(__file__).with_name("small.py")
+_spec = importlib.util.spec_from_file_location("_dvar_small_grid", _SMALL)
+small = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(small)
+
+SMALL_GRID_UNIQUE = 20_000  # the small grid's cells taken over
+EVALS_PER_RUN = 60  # validation points along each search run's curve
+
+# (objective, size, U, epochs, dropout, variant): a variant changes one setting and names it.
+RUNS = (
+    ("ar", "cpu-xs", 20_000, 30, 0.1, {}),
+    ("ar", "cpu-sm", 20_000, 30, 0.1, {}),
+    ("ar", "cpu-s", 20_000, 30, 0.1, {}),
+    ("ar", "cpu-sm", 20_000, 30, 0.2, {}),
+    ("ar", "cpu-s", 20_000, 30, 0.2, {}),
+    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {}),
+    ("diffusion", "cpu-s", 20_000, 300, 0.1, {}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"seed": 2}),
+    ("diffusion", "cpu-s", 20_000, 300, 0.1, {"lr": 1e-3}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"batch": 32}),
+    ("diffusion", "cpu-sm", 20_000, 400, 0.1, {}),
+    ("diffusion", "cpu-sm", 20_000, 1000, 0.1, {"evals": 80}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.2, {}),
+    ("diffusion", "cpu-sm", 20_000, 600, 0.2, {}),
+    ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
+    ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
+    ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
+    ("ar", "cpu-s", 10_000, 30, 0.0, {}),
+    ("ar", "cpu-sm", 10_000, 30, 0.1, {}),
+    ("diffusion", "cpu-xs", 10_000, 300, 0.1, {}),
+    ("diffusion", "cpu-sm", 10_000, 300, 0.1, {}),
+    ("diffusion", "cpu-sm", 10_000, 600, 0.1, {}),
+)
+
+# The validation count changes no training, so it is left out of the name.
+_VARIANT_SUFFIX = {"seed": "-seed{:d}", "lr": "-lr{:g}", "batch": "-batch{:d}", "evals": ""}
+
+
+def search_config(objective: str, size: str, unique_tokens: int, epochs: float,
+                  dropout: float, variant: dict) -> ConfigDict:
+    """The small grid's config for one search run: dropout on attention and hidden states,
+    EVALS_PER_RUN validations, and the variant's one change."""
+    unknown = set(variant) - set(_VARIANT_SUFFIX)
+    if unknown:
+        raise ValueError(f"variant keys {sorted(unknown)} unknown; allowed: "
+                         f"{sorted(_VARIANT_SUFFIX)}")
+    c = small.grid_config(objective, size, unique_tokens, epochs)
+    c.model.attention_dropout = c.model.hidden_dropout = dropout
+    c.eval.every_epochs = epochs / variant.get("evals", EVALS_PER_RUN)
+    if "seed" in variant:
+        c.seed = variant["seed"]
+    if "lr" in variant:
+        c.train.peak_lr = variant["lr"]
+    if "batch" in variant:
+        c.train.batch_size = variant["batch"]
+    return c
+
+
+def search_name(objective: str, size: str, unique_tokens: int, epochs: float, dropout: float,
+                variant: dict) -> str:
+    name = run_name(objective, size, epochs, unique_tokens=unique_tokens) + f"-drop{dropout:g}"
+    return name + "".join(_VARIANT_SUFFIX[k].format(v) for k, v in variant.items())
+
+
+def get_grid() -> list[tuple[str, ConfigDict]]:
+    grid = dict((name, cfg) for name, cfg in small.get_grid()
+                if cfg.data.unique_tokens == SMALL_GRID_UNIQUE)
+    for run in RUNS:
+        add_run(grid, search_name(*run), search_config(*run))
+    return list(grid.items())
