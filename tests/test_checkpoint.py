@@ -205,13 +205,20 @@ def test_a_second_train_on_a_busy_run_is_refused_naming_the_holder(reference, co
         assert first.poll() is None, first.stderr.read()[-2000:]
         assert time.time() < deadline, "timed out waiting for the first run"
         time.sleep(0.05)
-    before = path.read_text()
-    rc, _, err = _run(tmp_path, corpus, env)
+    # Paused (still alive, still holding the lock) while the second starts: on a fast machine
+    # the tiny first run could otherwise finish, and free the folder, before the second's
+    # start-up reached the lock.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        before = path.read_text()
+        rc, _, err = _run(tmp_path, corpus, env)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert rc == 2, err[-2000:]
     line = err.strip().splitlines()[-1]
     assert (f"is being trained by process {first.pid} on host {socket.gethostname()}"
             in line), line
-    assert path.read_text().startswith(before)  # the second wrote nothing of its own
+    assert path.read_text() == before  # the second wrote nothing of its own
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     keys = [(r["kind"], r["step"]) for r in _records(tmp_path)]
