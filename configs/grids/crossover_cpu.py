@@ -13,15 +13,17 @@ tokens), at the sizes cpu-xxs to cpu-s (54k-888k parameters):
 
 - the small grid's own cells at U = 20k (both objectives, 10, 30 and 100 epochs, no dropout),
   taken over under their names, so `make grid-demo`'s run folder serves for them;
-- AR at 30 epochs with dropout 0.1 and 0.2 (its best comes within 4-10 epochs);
+- AR at 30 epochs with dropout 0.1 and 0.2 (its best comes within 4-10 epochs), and without
+  dropout at lr 1e-3 and 5e-3;
 - diffusion at 300-1000 epochs with dropout 0.1 and 0.2 (the study's code runs 0.1), one run at
-  another seed, one at lr 1e-3 and one at batch 32;
+  another seed, three at other learning rates (1e-3, 2e-3, 5e-3) and one at batch 32;
 - at U = 10k, AR at 30 epochs and diffusion at 300 and 600 with dropout 0.1.
 
 Measured 2026-12-05 (benchmarks/results/crossover_cpu_2026-12-05/, docs/crossover_cpu.png): no
 crossover. The closest is U = 20k: diffusion 4.784 (cpu-sm, 300 epochs, dropout 0.1) against
 AR's 4.723 (cpu-sm, 100-epoch schedule, best at an early epoch), 0.06 nats apart, at 14x the
-study's C_crit(20k). Past 300 epochs diffusion overfits too, with or without dropout.
+study's C_crit(20k). Past 300 epochs diffusion overfits too, with or without dropout, and lr
+3e-3 was the best of those tried for both objectives.
 """
 
 import importlib.util
@@ -56,6 +58,13 @@ RUNS = (
     ("diffusion", "cpu-sm", 20_000, 1000, 0.1, {"evals": 80}),
     ("diffusion", "cpu-sm", 20_000, 300, 0.2, {}),
     ("diffusion", "cpu-sm", 20_000, 600, 0.2, {}),
+    # The learning rate for both (3e-3 above): AR at 1e-3 and 5e-3, diffusion at 2e-3 and 5e-3.
+    ("ar", "cpu-sm", 20_000, 30, 0.0, {"lr": 1e-3}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"lr": 1e-3}),
+    ("ar", "cpu-sm", 20_000, 30, 0.0, {"lr": 5e-3}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"lr": 5e-3}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"lr": 5e-3}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"lr": 2e-3}),
     ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
