@@ -4,7 +4,7 @@ and, optionally, the throughput benchmark: issue 17's measurement in one bounded
     python benchmarks/gpu_crossover.py --out /tmp/xo                       # whole grid
     python benchmarks/gpu_crossover.py --out /tmp/xo --deadline-s 380 --throughput-s 100
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo --figure docs/crossover_gpu.png
-    python benchmarks/gpu_crossover.py --collect --grid configs/grids/crossover_cpu.py \
+    python benchmarks/gpu_crossover.py --collect --grid configs/grids/crossover_cpu.py \\
         --workroot runs/crossover-cpu --out /tmp/xo-cpu    # runs a `dvar sweep run` trained
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo-all \\
         --results /tmp/xo/results.json,/tmp/xo-drop/results.json   # merge two sessions
