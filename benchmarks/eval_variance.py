@@ -5,7 +5,9 @@ seeds, this measures
 
 * validation: the per-token validation loss (the ELBO estimate `dvar eval` reports, with
   `validation_draws` / `summarize_draws` of `dvar_jax.eval.validation`), its reported Monte-Carlo
-  standard error, and how much the estimate really moves between seeds;
+  standard error, and how much the estimate really moves between seeds; and the same for the
+  training loss's form of the estimate (1/p weights at a sampled noise level, as the study
+  validates), which has the same expectation: the variance the masked-count estimator saves;
 * downstream: each continuation's log-likelihood from `Scorer.loglikelihood_with_stderr`
   (`mc` method) on made-up 4-choice examples, its spread over seeds, and how often two seeds
   pick a different argmax choice: the quantity that decides whether accuracy moves with the seed.
@@ -50,6 +52,7 @@ from dvar_jax.eval.downstream import Example, multiple_choice, requests
 from dvar_jax.eval.loading import LoadedRun, load_run, saved_config
 from dvar_jax.eval.scoring import Scorer
 from dvar_jax.eval.validation import evaluate_validation, summarize_draws, validation_draws
+from dvar_jax.objectives.diffusion import masked_diffusion_sequence_losses, stratified_times
 
 # 4096 validation tokens: the tiny model's whole validation stream (96 sequences of 32), 31 of
 # the demo's 128-token windows. Fewer sequences make the std itself too noisy to read: the
@@ -196,9 +199,29 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]],
 # --------------------------------------------------------------------------------------------
 
 
+def sampled_level_draws(model, tokens, rng, mask_id: int, num_mc: int):
+    """The training loss's estimate of the same ELBO, as validation draws [batch, seq + 1] ->
+    [batch, num_mc]: draw k at the sequence's k-th stratified noise level t, Bernoulli masks,
+    1/p weights (what the study's validation computes, with K = 1)."""
+    clean = tokens[:, :-1]
+    t_rng, mask_rng = jax.random.split(rng)
+    t = jax.vmap(stratified_times, in_axes=(0, None))(
+        jax.random.split(t_rng, clean.shape[0]), num_mc)
+    return jax.numpy.stack([masked_diffusion_sequence_losses(
+        model, clean, t[:, k], jax.random.fold_in(mask_rng, k), mask_id)[0]
+        for k in range(num_mc)], axis=1)
+
+
+# estimator name -> draws function, or None for the objective's own validation estimator.
+ESTIMATORS = {"masked counts (validation)": None, "1/p at sampled t (training loss)":
+              sampled_level_draws}
+
+
 def validation_variance(run: LoadedRun, ks: Sequence[int], seeds: Sequence[int],
-                        batch_size: int, validation_tokens: int) -> list[dict[str, Any]]:
-    """One row per K: the validation ELBO's reported standard error and its spread over seeds.
+                        batch_size: int, validation_tokens: int,
+                        estimator: str = "masked counts (validation)") -> list[dict[str, Any]]:
+    """One row per K: the validation ELBO's reported standard error and its spread over seeds,
+    for one of ESTIMATORS.
 
     The estimate is sum_i xbar_i / (n L) over n sequences, each xbar_i the mean of its K draws,
     and the sequences' draws are independent (each has its own key), so the variance over seeds
@@ -206,16 +229,18 @@ def validation_variance(run: LoadedRun, ks: Sequence[int], seeds: Sequence[int],
     (n (R - 1) degrees of freedom: steadier with few seeds); `raw_std` is the plain std of the R
     estimates (R - 1 degrees of freedom), the same quantity, noisier.
 
-    The draws are heavy-tailed: a draw at small t masks few tokens and weights each by 1/p
-    (up to 1/eps = 1000), so rare draws are tens of times the typical one. Any std estimated
-    from few draws is then usually below the true one, the more so the fewer draws in total:
-    with few seeds the smallest K's std reads low and the slope looks flatter than -1/2.
+    The 1/p form's draws are heavy-tailed: a draw at small t masks few tokens and weights each
+    by 1/p (up to 1/eps = 1000), so rare draws are tens of times the typical one. Any std
+    estimated from few draws is then usually below the true one, the more so the fewer draws in
+    total: with few seeds the smallest K's std reads low and the slope looks flatter than -1/2.
+    The masked-count form weights m masked tokens by about seq / m, so its draws are bounded.
+    Its reported s.e. treats a sequence's stratified draws as independent, which overstates it.
     """
     seq = run.cfg.data.seq_len
     windows = validation_windows(run.data.validation, seq, validation_tokens)
     n = len(windows)
     graphdef, params = nnx.split(run.model)
-    draws_fn = run.objective.validation_draws
+    draws_fn = ESTIMATORS[estimator] or run.objective.validation_draws
 
     # One compile per K; the parameters are an argument, not constants baked into the HLO.
     @partial(jax.jit, static_argnums=3)
@@ -236,7 +261,8 @@ def validation_variance(run: LoadedRun, ks: Sequence[int], seeds: Sequence[int],
         seconds = time.perf_counter() - start
         per_sequence_var = np.var(np.stack(means), axis=0, ddof=1)  # [n], over seeds
         rows.append({
-            "part": "validation", "num_mc": k, "sequences": n, "seeds": len(seeds),
+            "part": "validation", "estimator": estimator, "num_mc": k, "sequences": n,
+            "seeds": len(seeds),
             "estimate": float(np.mean(estimates)),
             "reported_stderr": float(np.sqrt(np.mean(np.square(stderrs)))),
             "empirical_std": float(math.sqrt(per_sequence_var.sum()) / (n * seq)),
@@ -379,8 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_validation(rows: list[dict[str, Any]], seq: int) -> None:
-    print(f"\nValidation ELBO (per-token loss, nats), {rows[0]['sequences']} sequences x {seq} "
-          f"tokens, {rows[0]['seeds']} seeds per K:")
+    print(f"\nValidation ELBO (per-token loss, nats), estimated by {rows[0]['estimator']}, "
+          f"{rows[0]['sequences']} sequences x {seq} tokens, {rows[0]['seeds']} seeds per K:")
     print(format_table(
         ("K", "estimate", "reported s.e.", "std over seeds", "1/sqrt(K) expect.", "std/s.e.",
          "s"),
@@ -429,15 +455,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"batch {args.batch}")
         rows: list[dict[str, Any]] = []
         if "validation" in args.parts:
-            val = validation_variance(run, args.num_mc, seeds, args.batch,
-                                      args.validation_tokens)
-            diff = check_matches_dvar_eval(run, val[0], seeds[0], args.batch,
-                                           args.validation_tokens)
-            add_scaling(val)
-            print_validation(val, run.cfg.data.seq_len)
-            print(f"  checked: K={val[0]['num_mc']} seed {seeds[0]} equals evaluate_validation "
-                  f"(|diff| {diff:.1e})")
-            rows += val
+            by_estimator = {}
+            for estimator in ESTIMATORS:
+                val = validation_variance(run, args.num_mc, seeds, args.batch,
+                                          args.validation_tokens, estimator)
+                add_scaling(val)
+                print_validation(val, run.cfg.data.seq_len)
+                if ESTIMATORS[estimator] is None:
+                    diff = check_matches_dvar_eval(run, val[0], seeds[0], args.batch,
+                                                   args.validation_tokens)
+                    print(f"  checked: K={val[0]['num_mc']} seed {seeds[0]} equals "
+                          f"evaluate_validation (|diff| {diff:.1e})")
+                by_estimator[estimator] = val
+                rows += val
+            counts, sampled = by_estimator.values()
+            print("  variance of the 1/p form over the masked-count form, same K: " + ", ".join(
+                f"K={a['num_mc']}: {(b['empirical_std'] / a['empirical_std']) ** 2:.1f}x"
+                for a, b in zip(counts, sampled, strict=True)))
         if "downstream" in args.parts:
             down = downstream_variance(run, args.num_mc, seeds, args.batch,
                                        made_up_examples(args.examples))

@@ -6,6 +6,7 @@ and, optionally, the throughput benchmark: issue 17's measurement in one bounded
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo --figure docs/crossover_gpu.png
     python benchmarks/gpu_crossover.py --collect --grid configs/grids/crossover_cpu.py \\
         --workroot runs/crossover-cpu --out /tmp/xo-cpu    # runs a `dvar sweep run` trained
+    python benchmarks/gpu_crossover.py --collect --rescore 64 ...  # diffusion's best re-scored
     python benchmarks/gpu_crossover.py --plot-only --out /tmp/xo-all \\
         --results /tmp/xo/results.json,/tmp/xo-drop/results.json   # merge two sessions
     # smoke test on a CPU: tiny models, 2% of the epochs (about 4 minutes on 2 cores)
@@ -30,7 +31,12 @@ What it does, in order, writing everything into --out as it goes (so a timeout s
    reported as cut off, with the epochs they reached.
 3. crossover.png: validation loss against training FLOPs (C = 6 N D), one panel per U,
    both objectives, AR's best as a line, C_crit(U) of the study's laws marked.
-4. With --throughput-s > 0: benchmarks/train_throughput.py (the XLA path) under that timeout,
+4. With --rescore K (after training, or with --collect): each finished diffusion run's kept
+   best checkpoint (configs/crossover.py keeps one at every evaluation) is re-scored with
+   `dvar eval --num_mc K --seed 1` (masks the training-time evaluation never drew), and that
+   score, not the curve's minimum, is diffusion's best: the minimum of a noisy curve is biased
+   low by the noise it was picked from (docs/diffusion_validation.md). AR's loss is exact.
+5. With --throughput-s > 0: benchmarks/train_throughput.py (the XLA path) under that timeout,
    to throughput.txt / throughputI.json (one per ';'-separated --throughput-args set).
 """
 
@@ -56,6 +62,7 @@ if str(ROOT) not in sys.path:
 DEFAULT_GRID = ROOT / "configs" / "crossover.py"
 H200_BF16_MEASURED = 790e12  # the device notes' 8192^3 bf16 matmul, FLOP/s
 LABELLED_RUNS = 8  # per objective and U in the figure; more are drawn faint, unlabelled
+RESCORE_SEED = 1  # the training-time evaluation draws its masks from eval.seed = 0
 START = time.time()
 
 
@@ -148,6 +155,10 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
         row |= {"best_val": best["val_loss"], "best_epoch": best["epoch"],
                 "best_flops": best["flops"], "final_val": evals[-1]["val_loss"],
                 "final_epoch": evals[-1]["epoch"], "flops": evals[-1]["flops"]}
+    rescored = rescore_record(workdir, cfg)
+    if rescored and "best_val" in row:
+        row |= {"rescored_val": rescored["val_loss"], "rescored_se": rescored["val_loss_stderr"],
+                "rescored_num_mc": rescored["num_mc"], "rescored_step": rescored["step"]}
     rates = [r["tokens_per_s"] for r in trains if r.get("tokens_per_s", float("nan")) > 0]
     mfus = [r["mfu"] for r in trains if r.get("mfu", float("nan")) > 0]
     if rates:
@@ -156,6 +167,36 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
     if mfus:
         row["mfu_vs_f32_peak"] = statistics.median(mfus)
     return row
+
+
+def rescore_record(workdir: Path, cfg) -> dict | None:
+    """The newest `dvar eval` record of the run's best checkpoint drawn with masks other than
+    the training-time evaluation's (its seed differs from eval.seed), or None."""
+    path = workdir / "eval.jsonl"
+    if cfg.objective == "ar" or not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    mine = [r for r in records
+            if r.get("checkpoint") == "best" and r.get("seed") != cfg.eval.seed]
+    return mine[-1] if mine else None
+
+
+def rescore(runs, workroot: Path, num_mc: int) -> None:
+    """Re-scores every finished diffusion run's best checkpoint at num_mc draws and RESCORE_SEED
+    (`dvar eval`, appended to its eval.jsonl) unless that was done already."""
+    from dvar_jax.eval.evaluate import run_evaluation
+
+    for name, cfg in runs:
+        workdir = workroot / name
+        if cfg.objective == "ar" or not (workdir / "summary.json").exists():
+            continue
+        done = rescore_record(workdir, cfg)
+        if done and done["num_mc"] >= num_mc:
+            continue
+        r = run_evaluation(workdir, checkpoint="best", num_mc=num_mc, batch_size=64,
+                           seed=RESCORE_SEED)
+        log(f"{name}: best checkpoint (step {r['step']}) re-scored at K = {num_mc}: "
+            f"{r['val_loss']:.4f} ± {r['val_loss_stderr']:.4f}")
 
 
 def c_crit(unique_tokens: float) -> float:
@@ -176,15 +217,17 @@ def verdicts(rows: list[dict]) -> list[dict]:
             a = min(ar, key=lambda r: r["best_val"])
             v |= {"ar_best": a["best_val"], "ar_run": a["name"], "ar_best_flops": a["best_flops"]}
         if df:
-            d = min(df, key=lambda r: r["best_val"])
-            v |= {"diffusion_best": d["best_val"], "diffusion_run": d["name"],
+            # Re-scored runs are judged by the re-score (unbiased), the rest by the curve.
+            d = min(df, key=lambda r: r.get("rescored_val", r["best_val"]))
+            v |= {"diffusion_best": d.get("rescored_val", d["best_val"]),
+                  "diffusion_rescored": "rescored_val" in d, "diffusion_run": d["name"],
                   "diffusion_best_flops": d["best_flops"],
                   "diffusion_final": d["final_val"]}
         if ar and df:
             v["gap"] = v["diffusion_best"] - v["ar_best"]  # < 0: diffusion ahead
             v["crossover"] = v["gap"] < 0
             first = [f for r in df for (_, loss, f) in r["curve"] if loss < v["ar_best"]]
-            v["crossover_flops"] = min(first) if first else None
+            v["crossover_flops"] = min(first) if first and v["crossover"] else None
         out.append(v)
     return out
 
@@ -195,15 +238,18 @@ def fmt(x, spec=".4f"):
 
 def results_markdown(rows: list[dict], vs: list[dict]) -> str:
     lines = ["| run | obj | d x L | N (M) | U | batch | lr | drop | epochs | steps | state | "
-             "best val (epoch) | final val (epoch) | FLOPs (6ND) | wall s | tok/s | MFU f32 |",
-             "|" + "---|" * 17]
+             "best val (epoch) | best re-scored (K) | final val (epoch) | FLOPs (6ND) | wall s | "
+             "tok/s | MFU f32 |",
+             "|" + "---|" * 18]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['objective']} | {r['d_model']}x{r['n_layers']} | "
             f"{r['params'] / 1e6:.2f} | {r['unique_tokens']:,} | {r['batch']} | {r['peak_lr']:g} "
             f"| {r['dropout']:g} | {r['epochs']:g} | {r['steps']:,} | {r['state']} | "
             f"{fmt(r.get('best_val'))} ({fmt(r.get('best_epoch'), '.1f')}) | "
-            f"{fmt(r.get('final_val'))} ({fmt(r.get('final_epoch'), '.1f')}) | "
+            + (f"{r['rescored_val']:.4f} ± {r['rescored_se']:.4f} ({r['rescored_num_mc']}) | "
+               if "rescored_val" in r else "- | ")
+            + f"{fmt(r.get('final_val'))} ({fmt(r.get('final_epoch'), '.1f')}) | "
             f"{fmt(r.get('flops'), '.2e')} | {fmt(r.get('wall_s'), '.0f')} | "
             f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu_vs_f32_peak'), '.1%')} |")
     lines += ["", "| U | AR best (run) | diffusion best (run) | diffusion final | gap (diff - AR) "
@@ -212,7 +258,8 @@ def results_markdown(rows: list[dict], vs: list[dict]) -> str:
     for v in vs:
         lines.append(
             f"| {v['unique_tokens']:,} | {fmt(v.get('ar_best'))} ({v.get('ar_run', '-')}) | "
-            f"{fmt(v.get('diffusion_best'))} ({v.get('diffusion_run', '-')}) | "
+            f"{fmt(v.get('diffusion_best'))}{' re-scored' if v.get('diffusion_rescored') else ''}"
+            f" ({v.get('diffusion_run', '-')}) | "
             f"{fmt(v.get('diffusion_final'))} | {fmt(v.get('gap'), '+.4f')} | "
             f"{'YES' if v.get('crossover') else 'no' if 'crossover' in v else '-'} | "
             f"{fmt(v.get('crossover_flops'), '.2e')} | {fmt(v['c_crit'], '.2e')} |")
@@ -440,6 +487,8 @@ def runs_phase(args, runs) -> None:
         time.sleep(1.0)
     for name in queue:
         info.setdefault(name, {"state": "not started"})
+    if args.rescore:
+        rescore(runs, workroot, args.rescore)
     rows = write_outputs(args, runs, workroot, info, final=True)
     for r in rows:
         if "best_val" in r:
@@ -503,6 +552,10 @@ def parse_args(argv=None):
     p.add_argument("--collect", action="store_true",
                    help="train nothing: read the grid's runs from --workroot (trained before, "
                         "e.g. by `dvar sweep run`) and write the tables and the figure")
+    p.add_argument("--rescore", type=int, default=0, metavar="K",
+                   help="after training (or with --collect): re-score each finished diffusion "
+                        "run's best checkpoint at K draws (seed 1) and judge diffusion by it "
+                        "(0 = off)")
     p.add_argument("--results", default="",
                    help="with --plot-only: comma-separated results.json files to merge "
                         "(default OUT/results.json)")
@@ -510,6 +563,12 @@ def parse_args(argv=None):
     p.add_argument("--one", default="", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rescore and args.plot_only:
+        p.error(f"--rescore={args.rescore}: not with --plot-only, which reads results files, "
+                "not the run folders whose checkpoints it re-scores")
+    if args.rescore < 0 or args.rescore == 1:
+        p.error(f"--rescore={args.rescore}: allowed 0 (off) or K >= 2 draws (one draw has no "
+                "standard error)")
     args.workroot = args.workroot or str(Path(args.out) / "work")
     return args
 
@@ -533,6 +592,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--collect: --workroot={args.workroot!r} is not a folder; give "
                              "the folder the grid's runs were trained in")
         runs = grid_runs(args)
+        if args.rescore:
+            rescore(runs, Path(args.workroot), args.rescore)
         info = {n: {"state": "done" if (Path(args.workroot) / n / "summary.json").exists()
                     else "not done"} for n, _ in runs}
         write_outputs(args, runs, Path(args.workroot), info, final=True)

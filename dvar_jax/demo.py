@@ -94,7 +94,8 @@ def run_demo(cfg: ConfigDict, workdir: str | Path, *, progress: bool | None = No
         f"{cfg.data.unique_tokens:,} tokens of the `{cfg.data.source}` train split, "
         f"{cfg.data.epochs} epochs of {cfg.data.seq_len}-token windows, batch "
         f"{cfg.train.batch_size}, peak LR {cfg.train.peak_lr}. Validation: held-out text "
-        f"(diffusion: ELBO with {cfg.eval.num_mc} stratified mask draws per sequence).", "",
+        f"(diffusion: ELBO with {cfg.eval.num_mc} mask draws per sequence at stratified masked "
+        f"counts).", "",
         markdown_table(rows), "",
         "`rise after best` is how far the final validation loss sits above the run's best: "
         "a model that overfits the repeated tokens climbs after its best epoch.", "",

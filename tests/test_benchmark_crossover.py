@@ -74,3 +74,67 @@ def test_collect_refuses_a_missing_workroot_or_grid(tmp_path):
     with pytest.raises(SystemExit, match=r"--grid=.*is not a file"):
         bench.main(["--collect", "--grid", str(tmp_path / "nogrid.py"), "--workroot",
                     str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+
+
+def test_a_rescored_best_replaces_the_curve_minimum(tmp_path):
+    """A diffusion run whose best checkpoint was re-scored (eval.jsonl, another seed than the
+    training evaluation's) is judged by that score: here 4.75, so the curve's 4.65 no longer
+    crosses AR's 4.70, and no crossover FLOPs are reported. A record drawn with the training
+    evaluation's own seed (0) is not a re-score and is ignored."""
+    grid = tmp_path / "grid.py"
+    grid.write_text(GRID)
+    work = tmp_path / "work"
+    _write_curve(work / "ar-a", [(1, 5.0, 1e10), (5, 4.70, 5e10)])
+    _write_curve(work / "diffusion-b", [(100, 4.72, 1e12), (200, 4.65, 4e12)])
+    _write_curve(work / "diffusion-c", [(150, 4.90, 2e12)])
+    records = [{"kind": "eval", "checkpoint": "best", "step": 9, "seed": 0, "num_mc": 64,
+                "val_loss": 4.60, "val_loss_stderr": 0.01},
+               {"kind": "eval", "checkpoint": "best", "step": 9, "seed": 1, "num_mc": 64,
+                "val_loss": 4.75, "val_loss_stderr": 0.01}]
+    (work / "diffusion-b" / "eval.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    load_benchmark("gpu_crossover").main(["--collect", "--grid", str(grid), "--workroot",
+                                          str(work), "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    (verdict,) = results["verdicts"]
+    assert (verdict["diffusion_best"], verdict["diffusion_run"]) == (4.75, "diffusion-b")
+    assert verdict["diffusion_rescored"] is True
+    assert verdict["gap"] == pytest.approx(0.05)
+    assert verdict["crossover"] is False and verdict["crossover_flops"] is None
+    rows = {r["name"]: r for r in results["runs"]}
+    assert rows["diffusion-b"]["best_val"] == 4.65  # the curve's own minimum is still shown
+    assert "4.7500 ± 0.0100 (64)" in (out / "results.md").read_text()
+
+
+def test_rescore_evaluates_the_best_checkpoint_once_with_other_masks(trained_runs, tmp_path):
+    """rescore() runs `dvar eval` on a finished diffusion run's best checkpoint at K draws and
+    seed 1, appends the record, and skips the run the next time; AR runs are never re-scored."""
+    import shutil
+
+    from dvar_jax.eval.loading import saved_config
+    bench = load_benchmark("gpu_crossover")
+    work = tmp_path / "work"
+    runs = []
+    for objective in ("ar", "diffusion"):
+        shutil.copytree(trained_runs[objective], work / objective)
+        (work / objective / "eval.jsonl").unlink(missing_ok=True)
+        runs.append((objective, saved_config(work / objective)))
+    bench.rescore(runs, work, 2)
+    bench.rescore(runs, work, 2)
+    (record,) = [json.loads(line) for line in
+                 (work / "diffusion" / "eval.jsonl").read_text().splitlines()]
+    assert (record["checkpoint"], record["seed"], record["num_mc"]) == ("best", 1, 2)
+    assert record["val_loss_stderr"] > 0
+    assert not (work / "ar" / "eval.jsonl").exists()
+    assert bench.rescore_record(work / "diffusion", runs[1][1]) == record
+
+
+def test_rescore_is_refused_with_plot_only_or_with_one_draw(tmp_path, capsys):
+    bench = load_benchmark("gpu_crossover")
+    with pytest.raises(SystemExit):
+        bench.main(["--plot-only", "--rescore", "64", "--out", str(tmp_path)])
+    assert "--rescore=64: not with --plot-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--collect", "--rescore", "1", "--out", str(tmp_path)])
+    assert "--rescore=1: allowed 0 (off) or K >= 2" in capsys.readouterr().err

@@ -14,7 +14,9 @@ def test_eval_variance_quick_std_falls_with_k(trained_runs, capsys):
     rows = load_benchmark("eval_variance").main(["--quick", "--workdir",
                                                  str(trained_runs["diffusion"])])
     out = capsys.readouterr().out
-    validation = [r for r in rows if r["part"] == "validation"]
+    validation = [r for r in rows
+                  if r["part"] == "validation" and r["estimator"].startswith("masked counts")]
+    sampled = [r for r in rows if r["part"] == "validation" and r["estimator"].startswith("1/p")]
     downstream = [r for r in rows if r["part"] == "downstream"]
     assert [r["num_mc"] for r in validation] == [2, 8]
     assert [r["num_mc"] for r in downstream] == [2, 8]
@@ -24,11 +26,16 @@ def test_eval_variance_quick_std_falls_with_k(trained_runs, capsys):
         assert math.isfinite(row["estimate"]) and row["empirical_std"] > 0
         # The reported Monte-Carlo standard error describes the spread between seeds.
         assert 0.5 < row["empirical_std"] / row["reported_stderr"] < 2
+    # The training loss's form estimates the same ELBO: within 4 combined standard errors.
+    assert [r["num_mc"] for r in sampled] == [2, 8]
+    for a, b in zip(validation, sampled, strict=True):
+        assert abs(a["estimate"] - b["estimate"]) < 4 * math.hypot(
+            a["empirical_std"], b["empirical_std"]) / math.sqrt(a["seeds"])
     for row in downstream:
         assert row["requests"] == 4 * row["examples"]
         assert row["empirical_std"] > 0 and 0 <= row["flip_rate"] <= 1
     assert "1/sqrt(K) expect." in out and "argmax flips" in out
-    assert "equals evaluate_validation" in out
+    assert "equals evaluate_validation" in out and "variance of the 1/p form" in out
 
 
 def test_eval_speed_quick_reuses_the_compiled_scorer(trained_runs, capsys):

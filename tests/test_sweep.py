@@ -687,9 +687,12 @@ def test_cpu_crossover_grid_extends_the_small_grid_at_its_settings():
         assert cfg["train"]["peak_lr"] == variant.get("lr", small.PEAK_LR), name
         assert cfg["train"]["batch_size"] == variant.get("batch", small.BATCH_SIZE), name
         assert cfg["seed"] == variant.get("seed", ref["seed"]), name
+        assert cfg["train"]["weight_decay"] == variant.get("wd", ref["train"]["weight_decay"])
+        assert (cfg["train"]["warmup_fraction"]
+                == variant.get("warmup", ref["train"]["warmup_fraction"])), name
         for section in ("data", "objective"):
             assert cfg[section] == ref[section], (name, section)
         assert validate_config(runs[name]) is None
     assert {c.objective for c in runs.values()} == {"ar", "diffusion"}
-    with pytest.raises(ValueError, match=r"variant keys \['warmup'\] unknown; allowed"):
-        crossover_cpu.search_config("ar", "cpu-xs", 20_000, 30, 0.1, {"warmup": 0.1})
+    with pytest.raises(ValueError, match=r"variant keys \['beta2'\] unknown; allowed"):
+        crossover_cpu.search_config("ar", "cpu-xs", 20_000, 30, 0.1, {"beta2": 0.99})

@@ -168,7 +168,8 @@ def get_config() -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.every_epochs = 1.0  # validation cadence, in (fractional) epochs
     c.eval.batch_size = 32  # validation sequences per batch
-    # Diffusion validation: K mask draws per sequence at stratified t (PAPER.md §5.1).
+    # Diffusion validation: K draws per sequence at stratified masked counts (the same
+    # expectation as the training loss, less variance: docs/diffusion_validation.md).
     c.eval.num_mc = 8
     c.eval.seed = 0  # fixed, so curves are comparable across runs
 

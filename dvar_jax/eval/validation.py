@@ -1,7 +1,8 @@
 """Validation loss of a trained run, as the study reports it (PAPER.md §5.1).
 
 Exact objectives (AR): the mean next-token NLL. Others (diffusion): the negative ELBO estimated
-with K mask draws per sequence at stratified noise levels (the study: K = 32), with the
+with K draws per sequence (the objective's validation_draws: for diffusion, stratified masked
+counts, docs/diffusion_validation.md; the study: K = 32 of its 1/p form), with the
 Monte-Carlo standard error of the estimate (the spread of the draws within each sequence; the
 validation set itself is fixed, so its sequence-to-sequence spread is not estimation error).
 Also in bits per token and bits per UTF-8 byte, the latter comparable across tokenizers.
