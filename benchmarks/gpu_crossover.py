@@ -136,7 +136,8 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
     row = {"name": name, "objective": cfg.objective, "d_model": d, "n_layers": layers,
            "params": n, "unique_tokens": cfg.data.unique_tokens, "epochs": cfg.data.epochs,
            "batch": cfg.train.batch_size, "peak_lr": cfg.train.peak_lr,
-           "dropout": cfg.model.hidden_dropout, "dtype": cfg.model.dtype, "steps": steps,
+           "dropout": cfg.model.hidden_dropout, "weight_decay": cfg.train.weight_decay,
+           "dtype": cfg.model.dtype, "steps": steps,
            "planned_flops": 6.0 * n * steps * cfg.train.batch_size * cfg.data.seq_len,
            "state": proc_info.get("state", "pending"), "wall_s": proc_info.get("wall_s"),
            "returncode": proc_info.get("returncode")}
@@ -276,7 +277,7 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
                                                  v["unique_tokens"] for r in rows)]
     if not us:
         return path
-    fig, axes = plt.subplots(1, len(us), figsize=(5.2 * len(us), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(us), figsize=(max(5.2 * len(us), 7.5), 4.8), squeeze=False)
     colors = {"ar": ["#1f77b4", "#17becf", "#0b3c6b", "#6baed6", "#393b79", "#9467bd"],
               "diffusion": ["#d62728", "#ff7f0e", "#8c2d04", "#e377c2", "#bcbd22", "#7f7f7f"]}
     for ax, u in zip(axes[0], us, strict=True):
@@ -298,6 +299,8 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
                 label = (f"{obj} {r['d_model']}x{r['n_layers']} ({r['params'] / 1e6:.1f}M), "
                          f"{r['epochs']:g} ep" + (f", drop {r['dropout']:g}" if r["dropout"]
                                                   else "")
+                         + (f", wd {r['weight_decay']:g}" if r.get("weight_decay", 0.1) != 0.1
+                            else "")
                          + ("" if r["state"] == "done" else f" [{r['state']}]"))
                 ls = "-" if obj == "diffusion" else "--"
                 if crowded and r["name"] not in best:
@@ -310,6 +313,9 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
                 seen[obj] += 1
                 ax.plot(*zip(*pts, strict=True), color=color, ls=ls,
                         lw=2.0 if crowded else 1.4, label=label + (" (best)" if crowded else ""))
+                if "rescored_val" in r:  # the unbiased score of the kept best checkpoint
+                    ax.plot([r["best_flops"]], [r["rescored_val"]], marker="x", color=color,
+                            ms=7, mew=1.8, ls="none")
         if "ar_best" in v:
             ax.axhline(v["ar_best"], color="#1f77b4", lw=0.8, ls=":",
                        label=f"AR best {v['ar_best']:.3f}")
@@ -326,12 +332,14 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
         ax.set_ylabel("validation loss (nats / token)")
         verdict = ""
         if "gap" in v:
-            verdict = (f": diffusion {v['diffusion_best']:.3f} vs AR {v['ar_best']:.3f}")
+            verdict = (f": diffusion {v['diffusion_best']:.3f}"
+                       + (" (re-scored, x)" if v.get("diffusion_rescored") else "")
+                       + f" vs AR {v['ar_best']:.3f}")
         ax.set_title(f"U = {u:,} tokens{verdict}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6.5, loc="upper right")
-    fig.suptitle("AR vs masked diffusion on Shakespeare (1k BPE), same unique tokens, "
-                 "each with its own size and epochs", fontsize=10)
+    fig.suptitle("AR vs masked diffusion on Shakespeare (1k BPE), same unique tokens,\n"
+                 "each with its own size and epochs", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
