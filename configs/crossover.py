@@ -34,8 +34,8 @@ are the study's C = 6 N D with N its formula at V = 1024; 128x4 is 0.89M, 256x8 
 11.0M.) The first 17 runs took about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
 XLA attention); on 2 CPU cores a 20k-step run of the 256x8 model takes hours, so run only the
 128x4 cells there (`--only='*-128x4-U20k-*'`); `configs/grids/crossover_cpu.py` is the search
-sized for 2 CPU cores (closest gap 0.06 nats at U = 20k, benchmarks/results/
-crossover_cpu_2026-12-05/).
+sized for 2 CPU cores (closest gap +0.079 nats at U = 20k with diffusion's best re-scored,
+benchmarks/results/crossover_cpu_2026-12-05b/).
 
 **Measured (benchmarks/results/gpu_2026-12-04.md, docs/crossover_gpu.png): no crossover.**
 Diffusion's best stayed above AR's best at every U: +0.18 nats at U = 20k (4.937 vs 4.759),
