@@ -19,8 +19,8 @@ tokens), at the sizes cpu-xxs to cpu-s (54k-888k parameters):
 - diffusion at 300-1000 epochs with dropout 0.1 and 0.2 (the study's code runs 0.1), one run at
   another seed, three at other learning rates (1e-3, 2e-3, 5e-3) and one at batch 32;
 - at U = 10k, AR at 30 epochs and diffusion at 300 and 600 with dropout 0.1;
-- weight decay 0.3 and 1.0 for both (and 10 % warmup for diffusion), then cpu-xs diffusion at
-  600 epochs and at weight decay 1.0.
+- weight decay 0.3 and 1.0 for both (and 10 % warmup for diffusion), then diffusion cpu-xs at
+  600 epochs and at weight decay 1.0 and 3.0, and cpu-xxs at 1.0.
 
 Search runs validate diffusion at SEARCH_EVAL_DRAWS draws and keep a checkpoint at every
 evaluation, so `--rescore` can score the best one without the curve's selection bias.
@@ -92,6 +92,9 @@ RUNS = (
     # weight decay 1.0 helped cpu-sm: both, on cpu-xs.
     ("diffusion", "cpu-xs", 20_000, 600, 0.1, {}),
     ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0}),
+    # Smaller still, and more decay.
+    ("diffusion", "cpu-xxs", 20_000, 300, 0.1, {"wd": 1.0}),
+    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 3.0}),
     ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
