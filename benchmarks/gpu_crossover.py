@@ -173,11 +173,13 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
 def rescore_record(workdir: Path, cfg) -> dict | None:
     """The newest `dvar eval` record of the run's best checkpoint drawn with masks other than
     the training-time evaluation's (its seed differs from eval.seed), or None."""
-    path = workdir / "eval.jsonl"
+    from dvar_jax.results import read_records
+    from dvar_jax.run_dir import RunDir
+
+    path = RunDir(workdir).evals_path
     if cfg.objective == "ar" or not path.exists():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    mine = [r for r in records
+    mine = [r for r in read_records(path)
             if r.get("checkpoint") == "best" and r.get("seed") != cfg.eval.seed]
     return mine[-1] if mine else None
 
@@ -186,10 +188,11 @@ def rescore(runs, workroot: Path, num_mc: int) -> None:
     """Re-scores every finished diffusion run's best checkpoint at num_mc draws and RESCORE_SEED
     (`dvar eval`, appended to its eval.jsonl) unless that was done already."""
     from dvar_jax.eval.evaluate import run_evaluation
+    from dvar_jax.run_dir import RunDir
 
     for name, cfg in runs:
         workdir = workroot / name
-        if cfg.objective == "ar" or not (workdir / "summary.json").exists():
+        if cfg.objective == "ar" or not RunDir(workdir).summary_path.exists():
             continue
         done = rescore_record(workdir, cfg)
         if done and done["num_mc"] >= num_mc:

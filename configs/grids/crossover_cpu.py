@@ -105,42 +105,37 @@ RUNS = (
     ("diffusion", "cpu-sm", 10_000, 600, 0.1, {}),
 )
 
-# The validation count changes no training, so it is left out of the name.
-_VARIANT_SUFFIX = {"seed": "-seed{:d}", "lr": "-lr{:g}", "batch": "-batch{:d}", "wd": "-wd{:g}",
-                   "warmup": "-warmup{:g}", "evals": ""}
+# Variant key -> (the config key it sets, its name suffix). "evals" (the validation count) sets
+# the cadence and changes no training, so it is left out of the name.
+_VARIANTS = {"seed": ("seed", "-seed{:d}"), "lr": ("train.peak_lr", "-lr{:g}"),
+             "batch": ("train.batch_size", "-batch{:d}"),
+             "wd": ("train.weight_decay", "-wd{:g}"),
+             "warmup": ("train.warmup_fraction", "-warmup{:g}"), "evals": (None, "")}
 
 
 def search_config(objective: str, size: str, unique_tokens: int, epochs: float,
                   dropout: float, variant: dict) -> ConfigDict:
     """The small grid's config for one search run: dropout on attention and hidden states,
     EVALS_PER_RUN validations, and the variant's one change."""
-    unknown = set(variant) - set(_VARIANT_SUFFIX)
+    unknown = set(variant) - set(_VARIANTS)
     if unknown:
         raise ValueError(f"variant keys {sorted(unknown)} unknown; allowed: "
-                         f"{sorted(_VARIANT_SUFFIX)}")
+                         f"{sorted(_VARIANTS)}")
     c = small.grid_config(objective, size, unique_tokens, epochs)
     c.model.attention_dropout = c.model.hidden_dropout = dropout
     c.eval.every_epochs = epochs / variant.get("evals", EVALS_PER_RUN)
     c.eval.num_mc = SEARCH_EVAL_DRAWS
     # A checkpoint at every evaluation, so the best one is kept to be re-scored.
     c.checkpoint.every_steps = 0
-    if "seed" in variant:
-        c.seed = variant["seed"]
-    if "lr" in variant:
-        c.train.peak_lr = variant["lr"]
-    if "batch" in variant:
-        c.train.batch_size = variant["batch"]
-    if "wd" in variant:
-        c.train.weight_decay = variant["wd"]
-    if "warmup" in variant:
-        c.train.warmup_fraction = variant["warmup"]
+    c.update_from_flattened_dict({_VARIANTS[k][0]: v for k, v in variant.items()
+                                  if _VARIANTS[k][0]})
     return c
 
 
 def search_name(objective: str, size: str, unique_tokens: int, epochs: float, dropout: float,
                 variant: dict) -> str:
     name = run_name(objective, size, epochs, unique_tokens=unique_tokens) + f"-drop{dropout:g}"
-    return name + "".join(_VARIANT_SUFFIX[k].format(v) for k, v in variant.items())
+    return name + "".join(_VARIANTS[k][1].format(v) for k, v in variant.items())
 
 
 def get_grid() -> list[tuple[str, ConfigDict]]:
