@@ -274,18 +274,25 @@ def abstract_like(state) -> Any:
                         state)
 
 
-def restore_params(state_dir: Path, abstract_params: Any, device: jax.Device) -> Any:
-    """Only the parameters of a saved train state (`<step>/state`), onto `device`: what
-    evaluation and sampling need, without building or reading the optimizer state.
+def restore_params(state_dir: Path, abstract_params: Any, device: jax.Device,
+                   path: tuple[str, ...] = ("params",)) -> Any:
+    """One parameter-shaped subtree of a saved train state (`<step>/state`), onto `device`:
+    what evaluation and sampling need, without building or reading the rest of the state.
 
     abstract_params: the parameters' tree of ShapeDtypeStruct (`step.abstract_params`).
+    path: where the subtree sits in the saved state (`step.evaluated_params_path`): the
+    parameters, or their moving average in the optimizer state; dict keys all the way down.
     """
     sharding = jax.sharding.SingleDeviceSharding(device)
-    item = {"params": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)}
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        abstract_params)
+    for key in reversed(path):
+        item = {key: item}
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(
             _epath(state_dir),
             args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
+    for key in path:
+        restored = restored[key]
+    return restored

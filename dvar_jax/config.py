@@ -159,6 +159,8 @@ def validate_config(cfg: ConfigDict) -> None:
           f"train.b1={t.b1}, train.b2={t.b2}: each must be in [0, 1)")
     check(t.eps > 0, f"train.eps={t.eps}: must be > 0")
     check(t.grad_clip > 0, f"train.grad_clip={t.grad_clip}: must be > 0")
+    check(0.0 <= t.ema_decay < 1.0,
+          f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no moving average)")
     check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
 
     check(cfg.checkpoint.every_steps >= 0,

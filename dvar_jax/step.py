@@ -37,6 +37,13 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
+# Where a train state holds the parameters evaluation uses, as its checkpoint names them: the
+# moving average when train.ema_decay > 0 (make_optimizer's named chain), else the parameters.
+_EMA = "ema"
+EMA_PATH = ("opt_state", _EMA, "params")
+PARAMS_PATH = ("params",)
+
+
 def lr_schedule(train_cfg: ConfigDict, num_steps: int) -> optax.Schedule:
     """Linear warmup over warmup_fraction of the steps, then cosine to min_lr_ratio x peak at the
     last step: the schedule stretches with the run, as the study's (PAPER.md §4)."""
@@ -54,11 +61,50 @@ def make_optimizer(train_cfg: ConfigDict, num_steps: int) -> optax.GradientTrans
         return jax.tree_util.tree_map_with_path(
             lambda path, p: p.ndim - stacked_over_layers(path) >= 2, params)
 
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(lr_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2,
                     eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decayed),
     )
+    if not train_cfg.ema_decay:
+        return tx
+    # Named, so the average sits at a fixed path of the state (EMA_PATH) whatever the chain.
+    return optax.named_chain(("optimizer", tx), (_EMA, params_ema(train_cfg.ema_decay)))
+
+
+class ParamsEmaState(NamedTuple):
+    count: jax.Array  # int32 scalar: updates averaged so far
+    params: optax.Params  # the moving average, shaped like the parameters
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the parameters, kept in the optimizer state; the updates
+    pass through unchanged, so it must come last in a chain. After update n (from 0) the
+    average moves to the new parameters with weight 1 - d_n, d_n = min(decay, (1 + n) / (10 + n)):
+    the ramp keeps the initialization from dominating early averages."""
+    def init(params):
+        return ParamsEmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params):
+        n = state.count.astype(jnp.float32)
+        weight_of_new = 1.0 - jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        average = optax.incremental_update(optax.apply_updates(params, updates), state.params,
+                                           weight_of_new)
+        return updates, ParamsEmaState(state.count + 1, average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def evaluated_params_path(train_cfg: ConfigDict) -> tuple[str, ...]:
+    return EMA_PATH if train_cfg.ema_decay else PARAMS_PATH
+
+
+def evaluated_params(state: TrainState) -> nnx.State:
+    """The parameters validation and checkpoint selection score: the moving average when the
+    run keeps one, else the trained parameters."""
+    if isinstance(state.opt_state, dict) and _EMA in state.opt_state:
+        return state.opt_state[_EMA].params
+    return state.params
 
 
 class Placement(NamedTuple):
@@ -160,7 +206,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                                                               microbatches, batch_sharding)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
         if skip_nonfinite:  # keep the old parameters and moments; the step still counts
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -43,6 +43,7 @@ from dvar_jax.step import (
     checkpoint_layout,
     create_train_state,
     evaluate,
+    evaluated_params,
     lr_schedule,
     make_eval_step,
     make_optimizer,
@@ -301,7 +302,7 @@ class _Loop:
 
     def evaluate(self, step: int) -> float:
         """Validation loss on the fixed windows, recorded with its epoch, tokens and FLOPs."""
-        loss = evaluate(self.eval_step, self.state.params, self.val_windows,
+        loss = evaluate(self.eval_step, evaluated_params(self.state), self.val_windows,
                         self.cfg.eval.batch_size, self.cfg.eval.seed)
         tokens = step * self.tokens_per_step
         epoch = self.batches.epoch_at(step)

@@ -327,6 +327,11 @@ def _cfg(**changes) -> ConfigDict:
     ({"ar__randmask_ratio": 0.5, "model__attention_impl": "pallas",
       "model__attention_dropout": 0.0},
      "ar.randmask_ratio=0.5 needs model.attention_impl='xla'"),
+    ({"objective": "diffusion", "diffusion__noise_sampling": "sorted"},
+     "diffusion.noise_sampling='sorted': allowed independent, stratified"),
+    ({"diffusion__noise_sampling": "stratified"},
+     "diffusion.noise_sampling='stratified' set with objective='ar': the diffusion.* options "
+     "apply to objective='diffusion' only"),
     ({"objective": "block_diffusion", "block_diffusion__block_size": 5},
      "block_diffusion.block_size=5: must be >= 1 and divide data.seq_len=128"),
     ({"objective": "block_diffusion", "model__attention_impl": "splash",

@@ -55,6 +55,7 @@ BAD_VALUES = [
     ("data.epochs", 0.0),
     ("data.seq_len", 1),
     ("train.batch_size", 0),
+    ("train.ema_decay", 1.0),
     ("eval.num_mc", 0),
 ]
 

@@ -138,8 +138,11 @@ def test_a_scanned_train_step_is_the_same_program_at_every_depth():
 
 
 def _step_cfg(objective_name: str):
+    """objective_name: an objective, or "diffusion-stratified" (diffusion.noise_sampling)."""
     cfg = get_config()
-    cfg.objective = objective_name
+    cfg.objective = objective_name.removesuffix("-stratified")
+    if objective_name.endswith("-stratified"):
+        cfg.diffusion.noise_sampling = "stratified"
     cfg.model.name = "custom"
     cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 32, 2, 4
     cfg.model.attention_dropout = cfg.model.hidden_dropout = 0.0
@@ -149,7 +152,8 @@ def _step_cfg(objective_name: str):
     return cfg
 
 
-@pytest.mark.parametrize("objective_name", ["ar", "diffusion", "block_diffusion"])
+@pytest.mark.parametrize("objective_name",
+                         ["ar", "diffusion", "diffusion-stratified", "block_diffusion"])
 def test_accumulated_gradients_equal_one_big_batch(objective_name):
     cfg = _step_cfg(objective_name)
     objective = objective_from_config(cfg)

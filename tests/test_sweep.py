@@ -690,6 +690,9 @@ def test_cpu_crossover_grid_extends_the_small_grid_at_its_settings():
         assert cfg["train"]["weight_decay"] == variant.get("wd", ref["train"]["weight_decay"])
         assert (cfg["train"]["warmup_fraction"]
                 == variant.get("warmup", ref["train"]["warmup_fraction"])), name
+        assert cfg["train"]["ema_decay"] == variant.get("ema", 0.0), name
+        assert (cfg["diffusion"]["noise_sampling"]
+                == variant.get("noise", ref["diffusion"]["noise_sampling"])), name
         for section in ("data", "objective"):
             assert cfg[section] == ref[section], (name, section)
         assert validate_config(runs[name]) is None

@@ -95,6 +95,19 @@ RUNS = (
     # Smaller still, and more decay.
     ("diffusion", "cpu-xxs", 20_000, 300, 0.1, {"wd": 1.0}),
     ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 3.0}),
+    # Polyak averaging (train.ema_decay) for both, and stratified noise levels for diffusion
+    # (diffusion.noise_sampling): neither changes what is estimated, both reduce noise.
+    ("ar", "cpu-sm", 20_000, 30, 0.0, {"wd": 1.0, "ema": 0.999}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"wd": 1.0, "ema": 0.999}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"ema": 0.999}),
+    ("ar", "cpu-m", 20_000, 30, 0.0, {"wd": 1.0, "ema": 0.999}),
+    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999}),
+    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    ("diffusion", "cpu-xs", 20_000, 600, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.9999, "noise": "stratified"}),
+    ("diffusion", "cpu-s", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    ("diffusion", "cpu-sm", 20_000, 500, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
     ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
@@ -110,7 +123,9 @@ RUNS = (
 _VARIANTS = {"seed": ("seed", "-seed{:d}"), "lr": ("train.peak_lr", "-lr{:g}"),
              "batch": ("train.batch_size", "-batch{:d}"),
              "wd": ("train.weight_decay", "-wd{:g}"),
-             "warmup": ("train.warmup_fraction", "-warmup{:g}"), "evals": (None, "")}
+             "warmup": ("train.warmup_fraction", "-warmup{:g}"),
+             "ema": ("train.ema_decay", "-ema{:g}"),
+             "noise": ("diffusion.noise_sampling", "-{}"), "evals": (None, "")}
 
 
 def search_config(objective: str, size: str, unique_tokens: int, epochs: float,

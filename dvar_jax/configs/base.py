@@ -78,6 +78,14 @@ def get_config() -> ConfigDict:
     # embedding added to the input). The study's ablation does not (False).
     c.ar.target_positions = False
 
+    # Masked diffusion; objective="diffusion" only.
+    c.diffusion = ConfigDict()
+    # How the batch's noise levels are drawn: "independent" (t ~ U(0, 1) per sequence, the
+    # study's code) or "stratified" (one t per stratum [k/B, (k+1)/B) of the global batch of B
+    # sequences, shifted by one shared uniform: MDLM's low-discrepancy sampler). Each t is
+    # uniform either way, so the loss's expectation is the same; its variance is lower.
+    c.diffusion.noise_sampling = "independent"
+
     # Block diffusion (Arriola et al., ICLR 2025); objective="block_diffusion" only.
     c.block_diffusion = ConfigDict()
     # Tokens per block, dividing data.seq_len: 1 is AR-like, seq_len is masked diffusion.
@@ -132,6 +140,10 @@ def get_config() -> ConfigDict:
     c.train.b2 = 0.95  # AdamW beta2
     c.train.eps = 1e-8  # AdamW epsilon
     c.train.grad_clip = 1.0  # global norm
+    # Polyak averaging: validation, checkpoint selection and `dvar eval` use an exponential
+    # moving average of the parameters, updated after every step with decay
+    # min(ema_decay, (1 + n) / (10 + n)) at step n. 0 = off (the study's runs keep none).
+    c.train.ema_decay = 0.0
     c.train.log_every = 10  # steps
     # A non-finite loss or gradient norm stops the run (naming the step and the last good
     # checkpoint); True skips such steps instead (no update), counting them as `skipped`.

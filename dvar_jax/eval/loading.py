@@ -14,7 +14,7 @@ from dvar_jax.data.pipeline import RunData, open_run_data
 from dvar_jax.model.transformer import Transformer
 from dvar_jax.objectives import Objective, objective_from_config
 from dvar_jax.run_dir import RunDir
-from dvar_jax.step import abstract_params, saved_model_config
+from dvar_jax.step import abstract_params, evaluated_params_path, saved_model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,8 @@ def load_run(workdir: str | Path, checkpoint: str = "best", **model_overrides) -
     graphdef, abstract = abstract_params(model_cfg)
     saved_cfg = saved_model_config(model_cfg)
     saved = abstract if saved_cfg == model_cfg else abstract_params(saved_cfg)[1]
-    params = restore_params(run.checkpoint_state_dir(step), saved, jax.devices()[0])
+    params = restore_params(run.checkpoint_state_dir(step), saved, jax.devices()[0],
+                            evaluated_params_path(cfg.train))
     if saved is not abstract:  # a scanned model: stack the saved blocks
         params = jax.jit(lambda p: relayout_blocks(p, abstract))(params)
     model = nnx.merge(graphdef, params)

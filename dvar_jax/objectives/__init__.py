@@ -4,8 +4,8 @@ An `Objective` tells the rest of the code everything it needs about one objectiv
 attends, the training and validation losses, which tokens the losses score, and how evaluation
 decodes with the model. Code outside this module takes an `Objective`, never a name; names are
 turned into objects here (`get_objective`, `objective_from_config`), and the objective-specific
-config keys (`ar.*`, `block_diffusion.*`) are checked here (`config_problems`). Adding an
-objective means adding a module in this package and a builder in `_BUILDERS`.
+config keys (`ar.*`, `diffusion.*`, `block_diffusion.*`) are checked here (`config_problems`).
+Adding an objective means adding a module in this package and a builder in `_BUILDERS`.
 """
 
 import enum
@@ -31,6 +31,7 @@ from dvar_jax.objectives.block_diffusion import (
     block_diffusion_validation_loss,
 )
 from dvar_jax.objectives.diffusion import (
+    NOISE_SAMPLINGS,
     diffusion_loss,
     diffusion_validation_draws,
     diffusion_validation_loss,
@@ -91,8 +92,9 @@ def _ar(variant: ARVariant = PLAIN_AR) -> Objective:
                      diffusion_block=0, decoding=Decoding.NEXT_TOKEN)
 
 
-def _diffusion() -> Objective:
-    return Objective("diffusion", causal=False, loss=diffusion_loss,
+def _diffusion(stratified: bool = False) -> Objective:
+    loss = partial(diffusion_loss, stratified=True) if stratified else diffusion_loss
+    return Objective("diffusion", causal=False, loss=loss,
                      validation_loss=diffusion_validation_loss,
                      validation_draws=diffusion_validation_draws, exact=False,
                      predicts_next_token=False, diffusion_block=0, decoding=Decoding.UNMASKING)
@@ -120,7 +122,7 @@ def _ar_from_config(cfg: ConfigDict) -> Objective:
 
 _BUILDERS: dict[str, Callable[[ConfigDict], Objective]] = {
     "ar": _ar_from_config,
-    "diffusion": lambda cfg: _diffusion(),
+    "diffusion": lambda cfg: _diffusion(cfg.diffusion.noise_sampling == "stratified"),
     "block_diffusion": lambda cfg: _block_diffusion(cfg.block_diffusion.block_size),
 }
 OBJECTIVE_NAMES = tuple(_BUILDERS)
@@ -151,7 +153,7 @@ def decoded_objective_names() -> tuple[str, ...]:
 
 def config_problems(cfg: ConfigDict) -> list[str]:
     """What is wrong with the objective's config keys: `objective`, `ar.*` (the AR ablations,
-    PAPER.md §8) and `block_diffusion.*`, one message per problem (empty: none)."""
+    PAPER.md §8), `diffusion.*` and `block_diffusion.*`, one message per problem (empty: none)."""
     problems = []
 
     def check(ok: bool, message: str):
@@ -172,6 +174,12 @@ def config_problems(cfg: ConfigDict) -> list[str]:
     check(a.randmask_ratio == 0 or cfg.model.attention_impl in ("xla", "auto"),
           f"ar.randmask_ratio={a.randmask_ratio} needs model.attention_impl='xla' or 'auto' (a "
           f"dense per-sequence mask), got {cfg.model.attention_impl!r}")
+    sampling = cfg.diffusion.noise_sampling
+    check(sampling in NOISE_SAMPLINGS,
+          f"diffusion.noise_sampling={sampling!r}: allowed {', '.join(NOISE_SAMPLINGS)}")
+    check(cfg.objective == "diffusion" or sampling == NOISE_SAMPLINGS[0],
+          f"diffusion.noise_sampling={sampling!r} set with objective={cfg.objective!r}: the "
+          "diffusion.* options apply to objective='diffusion' only")
     if cfg.objective == "block_diffusion":
         b = cfg.block_diffusion.block_size
         check(b >= 1 and cfg.data.seq_len % b == 0,

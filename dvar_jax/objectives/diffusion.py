@@ -54,14 +54,24 @@ def masked_diffusion_sequence_losses(model, clean: jax.Array, t: jax.Array, rng:
     return model.sequence_losses(noisy, clean, weights, dropout_rng=dropout_rng), weights
 
 
+NOISE_SAMPLINGS = ("independent", "stratified")
+
+
 def diffusion_loss(model, tokens: jax.Array, rng: jax.Array, mask_id: int,
-                   rows: BatchRows | None = None) -> tuple[jax.Array, dict]:
+                   rows: BatchRows | None = None, stratified: bool = False
+                   ) -> tuple[jax.Array, dict]:
     """Training loss on windows [batch, seq + 1]: sum of weighted masked CE / (batch * seq).
 
-    rows: which rows of the global batch `tokens` are (objectives/rows.py); None: all of it."""
+    rows: which rows of the global batch `tokens` are (objectives/rows.py); None: all of it.
+    stratified: the global batch's noise levels are `stratified_times` (one per stratum, in
+    row order), not independent uniforms; the same expectation with less variance."""
     clean = tokens[:, :-1]
     t_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
-    t = take(rows, jax.random.uniform(t_rng, (batch_size(rows, clean.shape[0]),)))
+    total = batch_size(rows, clean.shape[0])
+    if stratified:
+        t = take(rows, stratified_times(t_rng, total))
+    else:
+        t = take(rows, jax.random.uniform(t_rng, (total,)))
     losses, weights = masked_diffusion_sequence_losses(model, clean, t, mask_rng, mask_id,
                                                        dropout_key(rows, dropout_rng), rows=rows)
     return losses.sum() / clean.size, {"masked_fraction": jnp.mean(weights > 0)}
