@@ -170,6 +170,17 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
     return row
 
 
+def collected_state(workdir: Path) -> str:
+    """A run folder's state for --collect: "done" (its summary is written), "stopped" (it
+    trained and was stopped, e.g. by SIGTERM, before its schedule ended) or "not started"."""
+    from dvar_jax.run_dir import RunDir
+
+    run = RunDir(workdir)
+    if run.summary_path.exists():
+        return "done"
+    return "stopped" if run.metrics_path.exists() else "not started"
+
+
 def rescore_record(workdir: Path, cfg) -> dict | None:
     """The newest `dvar eval` record of the run's best checkpoint drawn with masks other than
     the training-time evaluation's (its seed differs from eval.seed), or None."""
@@ -605,8 +616,7 @@ def main(argv=None) -> int:
         runs = grid_runs(args)
         if args.rescore:
             rescore(runs, Path(args.workroot), args.rescore)
-        info = {n: {"state": "done" if (Path(args.workroot) / n / "summary.json").exists()
-                    else "not done"} for n, _ in runs}
+        info = {n: {"state": collected_state(Path(args.workroot) / n)} for n, _ in runs}
         write_outputs(args, runs, Path(args.workroot), info, final=True)
         print((out / "results.md").read_text(), flush=True)
         return 0

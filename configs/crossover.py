@@ -34,22 +34,24 @@ are the study's C = 6 N D with N its formula at V = 1024; 128x4 is 0.89M, 256x8 
 11.0M.) The first 17 runs took about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
 XLA attention); on 2 CPU cores a 20k-step run of the 256x8 model takes hours, so run only the
 128x4 cells there (`--only='*-128x4-U20k-*'`); `configs/grids/crossover_cpu.py` is the search
-sized for 2 CPU cores (closest gap +0.079 nats at U = 20k with diffusion's best re-scored,
-benchmarks/results/crossover_cpu_2026-12-05b/).
+sized for 2 CPU cores (at U = 20k, with a moving average of the parameters, best single runs
+4.632 for AR and 4.667 for diffusion, within the seed spread of either;
+benchmarks/results/crossover_cpu_2026-12-05c/).
 
 **Measured (benchmarks/results/gpu_2026-12-04.md, docs/crossover_gpu.png): no crossover.**
 Diffusion's best stayed above AR's best at every U: +0.18 nats at U = 20k (4.937 vs 4.759),
 +0.09 at 100k (4.252 vs 4.162), +0.15 at 500k (3.716 vs 3.570), at 4.7-750x C_crit(U).
 Without dropout diffusion overfits too, after 60-125 epochs; with dropout 0.1 its curves at
 100k and 500k had not turned upward when their schedules ended (150 and 100 epochs). The next
-cells to try: those two with dropout, 300-500 epochs and a larger model. They are the grid's
-last five runs (the third device call), waiting for a device.
+cells to try: those two with dropout, 300-500 epochs and a larger model, all with the
+parameter average that closed most of the CPU gap. They are the grid's last six runs (the
+third device call), waiting for a device.
 """
 
 from ml_collections import ConfigDict
 
 from dvar_jax.configs import base
-from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.grids import add_run, apply_variant, run_name, variant_suffix
 
 VOCAB_SIZE = 1024
 TOKENIZER_TYPE = "bpe"
@@ -66,8 +68,13 @@ SIZES = {"128x4": (128, 4), "256x8": (256, 8), "384x6": (384, 6), "512x8": (512,
 # unigram plateau).
 BATCH_SIZES = {20_000: 8, 100_000: 16, 500_000: 32}
 
-# (objective, size, U, epochs, dropout), in the order a one-GPU runner starts them: the long
-# diffusion runs first, the short AR runs beside them. As run on 2026-12-04.
+# The third call's variants (dvar_jax/configs/grids.py VARIANTS), named in its runs' names.
+THIRD_CALL_AR = {"ema": 0.999}
+THIRD_CALL_DIFFUSION = {"ema": 0.999, "noise": "stratified"}
+
+# (objective, size, U, epochs, dropout[, variant]), in the order a one-GPU runner starts them:
+# the long diffusion runs first, the short AR runs beside them. The first two calls as run on
+# 2026-12-04.
 RUNS = (
     ("diffusion", "256x8", 20_000, 800, 0.0),
     ("diffusion", "128x4", 20_000, 1000, 0.0),
@@ -89,23 +96,26 @@ RUNS = (
     ("diffusion", "256x8", 20_000, 200, 0.1),
     ("ar", "384x6", 500_000, 20, 0.1),
     # Third device call, not yet run (no device lent since): the two closest cells, with dropout,
-    # longer and larger, and AR at the same sizes with dropout for the comparison. Estimated
-    # (not run) at 5-8 minutes on one H200, 5 at a time, from the tokens/s of the first two
-    # calls (benchmarks/results/gpu_2026-12-04.md); select them with
-    # --only='*-E400-drop0.1,*512x8*,*U500k-E300*,ar-256x8-U100k-E30-drop0.1' --rescore 64
+    # longer and larger, and AR at the same sizes with dropout for the comparison, all with the
+    # parameter average (train.ema_decay) that took the CPU search's diffusion past AR, and
+    # diffusion with stratified noise levels (configs/grids/crossover_cpu.py). Estimated (not
+    # run) at 5-8 minutes on one H200, 5 at a time, from the tokens/s of the first two calls
+    # (benchmarks/results/gpu_2026-12-04.md); select them with --only='*-ema*' --rescore 64
     # (the first two calls' diffusion bests are curve minima at K = 8 of the 1/p estimator,
     # biased low by their noise; docs/diffusion_validation.md).
-    ("diffusion", "256x8", 100_000, 400, 0.1),
-    ("diffusion", "512x8", 100_000, 300, 0.1),
-    ("diffusion", "384x6", 500_000, 300, 0.1),
-    ("ar", "512x8", 100_000, 30, 0.1),
-    ("ar", "256x8", 100_000, 30, 0.1),
+    ("diffusion", "256x8", 100_000, 400, 0.1, THIRD_CALL_DIFFUSION),
+    ("diffusion", "512x8", 100_000, 300, 0.1, THIRD_CALL_DIFFUSION),
+    ("diffusion", "384x6", 500_000, 300, 0.1, THIRD_CALL_DIFFUSION),
+    ("ar", "512x8", 100_000, 30, 0.1, THIRD_CALL_AR),
+    ("ar", "256x8", 100_000, 30, 0.1, THIRD_CALL_AR),
+    ("ar", "256x8", 100_000, 30, 0.0, THIRD_CALL_AR),
 )
 
 
 def crossover_config(objective: str, size: str = "256x8", unique_tokens: int = 20_000,
-                     epochs: float = 800, dropout: float = 0.0) -> ConfigDict:
-    """base.py at this grid's shape: one run."""
+                     epochs: float = 800, dropout: float = 0.0,
+                     variant: dict | None = None) -> ConfigDict:
+    """base.py at this grid's shape: one run, with the variant's changes."""
     c = base.get_config()
     c.objective = objective
     d_model, n_layers = SIZES[size]
@@ -134,20 +144,19 @@ def crossover_config(objective: str, size: str = "256x8", unique_tokens: int = 2
     # AR's loss is exact: it saves at the end only (and on SIGTERM).
     c.checkpoint.every_steps = 0 if objective == "diffusion" else 1_000_000_000
     c.checkpoint.keep = 1
-    return c
+    return apply_variant(c, variant or {})
 
 
 def name_of(objective: str, size: str, unique_tokens: int, epochs: float,
-            dropout: float = 0.0) -> str:
+            dropout: float = 0.0, variant: dict | None = None) -> str:
     name = run_name(objective, size, epochs, unique_tokens=unique_tokens)
-    return name + (f"-drop{dropout:g}" if dropout else "")
+    return name + (f"-drop{dropout:g}" if dropout else "") + variant_suffix(variant or {})
 
 
 def get_grid() -> list[tuple[str, ConfigDict]]:
     grid: dict[str, ConfigDict] = {}
-    for objective, size, unique, epochs, dropout in RUNS:
-        add_run(grid, name_of(objective, size, unique, epochs, dropout),
-                crossover_config(objective, size, unique, epochs, dropout))
+    for run in RUNS:
+        add_run(grid, name_of(*run), crossover_config(*run))
     return list(grid.items())
 
 

@@ -22,7 +22,7 @@ def _cfg(objective, epochs):
 
 def get_grid():
     return [("ar-a", _cfg("ar", 30)), ("diffusion-b", _cfg("diffusion", 300)),
-            ("diffusion-c", _cfg("diffusion", 300))]
+            ("diffusion-c", _cfg("diffusion", 300)), ("ar-d", _cfg("ar", 10))]
 '''
 
 
@@ -56,7 +56,8 @@ def test_collect_reads_best_losses_gap_and_first_crossing(tmp_path, capsys):
     assert verdict["gap"] == pytest.approx(-0.05)
     assert verdict["crossover"] is True and verdict["crossover_flops"] == 4e12
     rows = {r["name"]: r for r in results["runs"]}
-    assert rows["diffusion-c"]["state"] == "not done" and rows["diffusion-c"]["final_epoch"] == 150
+    assert rows["diffusion-c"]["state"] == "stopped" and rows["diffusion-c"]["final_epoch"] == 150
+    assert rows["ar-d"]["state"] == "not started"  # in the grid, never trained
     assert (rows["ar-a"]["d_model"], rows["ar-a"]["n_layers"]) == (64, 2)  # cpu-xs, by name
     assert rows["ar-a"]["best_epoch"] == 5 and rows["diffusion-b"]["final_val"] == 4.80
     assert (out / "crossover.png").stat().st_size > 0

@@ -122,3 +122,41 @@ def test_a_run_with_an_average_validates_and_evaluates_the_average(text_data_cfg
     result = evaluate_validation(run, num_mc=1, batch_size=cfg.eval.batch_size,
                                  seed=cfg.eval.seed, validation_tokens=cfg.data.validation_tokens)
     np.testing.assert_allclose(result["val_loss"], logged["val_loss"], rtol=1e-6)
+
+
+def test_a_saved_average_is_restored_with_the_state(tmp_path):
+    """The average rides in the optimizer state: a checkpoint restores it with the rest (a
+    resumed run goes on averaging), restore_params reads it alone at EMA_PATH, and a state
+    saved without one is refused by a run that keeps one, naming a path it lacks."""
+    from dvar_jax.checkpoint import CheckpointError, Checkpoints, abstract_like, restore_params
+
+    cfg = get_config().train
+    cfg.ema_decay = 0.9
+    tx = make_optimizer(cfg, 10)
+    rng = np.random.RandomState(3)
+    params = jax.tree.map(jnp.asarray, _params(rng))
+    state = TrainState(jnp.int32(0), params, tx.init(params))
+    for _ in range(3):
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, _params(rng)), state.opt_state,
+                                       state.params)
+        state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    checkpoints = Checkpoints(tmp_path, keep=2, async_save=False)
+    checkpoints.save(3, state, {"step": 3, "pending": []})
+    checkpoints.close()
+    step, restored, _ = Checkpoints(tmp_path, keep=2).restore_latest(abstract_like(state))
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    from dvar_jax.run_dir import RunDir
+    average = restore_params(RunDir(tmp_path).checkpoint_state_dir(3),
+                             abstract_like(state.params), jax.devices()[0], EMA_PATH)
+    jax.tree.map(np.testing.assert_array_equal, average, evaluated_params(state))
+
+    cfg.ema_decay = 0.0
+    plain = make_optimizer(cfg, 10)
+    other = tmp_path / "plain"
+    checkpoints = Checkpoints(other, keep=2, async_save=False)
+    checkpoints.save(1, TrainState(jnp.int32(1), params, plain.init(params)),
+                     {"step": 1, "pending": []})
+    checkpoints.close()
+    with pytest.raises(CheckpointError, match="holds another model: opt_state/optimizer/"):
+        Checkpoints(other, keep=2).restore_latest(abstract_like(state))

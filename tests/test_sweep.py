@@ -667,6 +667,14 @@ def test_crossover_grid_allocates_each_objective_its_own_size_and_epochs():
     widths = {(c.model.d_model, c.model.n_layers) for c in configs}
     assert widths == set(crossover.SIZES.values())
     assert all(validate_config(c) is None for c in configs)
+    # The third call's variants reach its configs and names, and only its.
+    runs = dict(grid.runs)
+    for run in crossover.RUNS:
+        variant = run[5] if len(run) > 5 else {}
+        cfg = runs[crossover.name_of(*run)]
+        assert cfg.train.ema_decay == variant.get("ema", 0.0)
+        assert cfg.diffusion.noise_sampling == variant.get("noise", "independent")
+    assert sum(c.train.ema_decay > 0 for c in configs) == 6
 
 
 def test_cpu_crossover_grid_extends_the_small_grid_at_its_settings():

@@ -3,14 +3,14 @@ AR at U = 10k and 20k unique tokens of the embedded corpus, each objective with 
 epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
 
     dvar sweep list --grid=crossover_cpu                  # the runs, their steps and FLOPs
-    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 2.5 h here
+    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 5 h here
     python benchmarks/gpu_crossover.py --collect --rescore 64 \\
         --grid configs/grids/crossover_cpu.py --workroot runs/crossover-cpu \\
         --out runs/crossover-cpu/report          # diffusion's bests re-scored, tables, figure
 
 Every run has the small grid's settings (`configs/grids/small.py`: 1,024-token BPE vocabulary,
 batch 8 x 64, peak lr 3e-3 with cosine decay over the whole run, the same 8,192 validation
-tokens), at the sizes cpu-xxs to cpu-s (54k-888k parameters):
+tokens), at the sizes cpu-xxs to cpu-m (54k-2.9M parameters):
 
 - the small grid's own cells at U = 20k (both objectives, 10, 30 and 100 epochs, no dropout),
   taken over under their names, so `make grid-demo`'s run folder serves for them;
@@ -20,18 +20,24 @@ tokens), at the sizes cpu-xxs to cpu-s (54k-888k parameters):
   another seed, three at other learning rates (1e-3, 2e-3, 5e-3) and one at batch 32;
 - at U = 10k, AR at 30 epochs and diffusion at 300 and 600 with dropout 0.1;
 - weight decay 0.3 and 1.0 for both (and 10 % warmup for diffusion), then diffusion cpu-xs at
-  600 epochs and at weight decay 1.0 and 3.0, and cpu-xxs at 1.0.
+  600 epochs and at weight decay 1.0 and 3.0, and cpu-xxs at 1.0;
+- with a moving average of the parameters (train.ema_decay 0.999) for both, and stratified
+  noise levels (diffusion.noise_sampling) for diffusion: AR at four sizes, 30-, 100- and
+  300-epoch schedules, weight decay 0.1-3.0, dropout and lr 5e-3; diffusion cpu-xs to cpu-s at
+  300-600 epochs, decay 0.9999 and lr 5e-3; the closest pair at three seeds each. AR runs
+  past their best were stopped (benchmarks/results/crossover_cpu_2026-12-05c/ar_watch.sh).
 
 Search runs validate diffusion at SEARCH_EVAL_DRAWS draws and keep a checkpoint at every
 evaluation, so `--rescore` can score the best one without the curve's selection bias.
 
-Measured 2026-12-05 (benchmarks/results/crossover_cpu_2026-12-05b/, docs/crossover_cpu.png): no
-crossover. The closest is U = 20k: diffusion 4.802 +- 0.009 (cpu-xs, 300 epochs, dropout 0.1,
-weight decay 1.0; its best checkpoint re-scored at 64 draws) against AR's 4.723 (cpu-sm,
-100-epoch schedule, best at epoch 5), 0.079 nats apart, at 5x the study's C_crit(20k). Past
-300 epochs diffusion overfits too, and lr 3e-3 was the best of those tried for both objectives.
-The first pass (benchmarks/results/crossover_cpu_2026-12-05/) read diffusion with the 1/p
-estimator at K = 2 and took curve minima; its 0.06-nat gap was within that noise.
+Measured 2026-12-05 with the average (benchmarks/results/crossover_cpu_2026-12-05c/,
+docs/crossover_cpu.png): no crossover, but a gap within seed noise. Best single runs: AR 4.632
+(cpu-sm, 100-epoch schedule, weight decay 1.0, best at epoch 8) against diffusion 4.667 +- 0.010
+(cpu-sm, 300 epochs, dropout 0.1, weight decay 1.0, stratified; its best checkpoint re-scored at
+64 draws; seed 3), at 12x the study's C_crit(20k). Over three seeds of each config, AR averages
+4.671 (4.632-4.692) and diffusion 4.677 (4.667-4.691): 0.006 apart, with a standard error of
+0.02. Without the average (crossover_cpu_2026-12-05b/) the gap was +0.079: diffusion 4.802
+(cpu-xs) against AR 4.723 (cpu-sm).
 """
 
 import importlib.util
@@ -39,7 +45,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from dvar_jax.configs.grids import add_run, run_name
+from dvar_jax.configs.grids import add_run, apply_variant, run_name, variant_suffix
 
 _SMALL = Path(__file__).with_name("small.py")
 _spec = importlib.util.spec_from_file_location("_dvar_small_grid", _SMALL)
@@ -105,9 +111,28 @@ RUNS = (
     ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
     ("diffusion", "cpu-xs", 20_000, 600, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
     ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
-    ("diffusion", "cpu-xs", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.9999, "noise": "stratified"}),
     ("diffusion", "cpu-s", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
     ("diffusion", "cpu-sm", 20_000, 500, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    # AR's search with the average: the 100-epoch schedule (its best without, 4.723), dropout,
+    # a higher learning rate, more decay. Validated every half epoch, as its best comes early.
+    ("ar", "cpu-s", 20_000, 100, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 200}),
+    ("ar", "cpu-sm", 20_000, 100, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 200}),
+    ("ar", "cpu-s", 20_000, 30, 0.1, {"wd": 1.0, "ema": 0.999}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"wd": 1.0, "ema": 0.999, "lr": 5e-3}),
+    ("ar", "cpu-s", 20_000, 30, 0.0, {"wd": 3.0, "ema": 0.999}),
+    ("ar", "cpu-s", 20_000, 300, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 600}),
+    ("ar", "cpu-sm", 20_000, 300, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 600}),
+    ("ar", "cpu-sm", 20_000, 100, 0.0, {"wd": 3.0, "ema": 0.999, "evals": 200}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1, {"wd": 1.0, "ema": 0.9999, "noise": "stratified"}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "lr": 5e-3}),
+    # The closest pair again at another seed.
+    ("ar", "cpu-sm", 20_000, 100, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 200, "seed": 2}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "seed": 2}),
+    ("ar", "cpu-sm", 20_000, 100, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 200, "seed": 3}),
+    ("diffusion", "cpu-sm", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "seed": 3}),
     ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
@@ -118,39 +143,23 @@ RUNS = (
     ("diffusion", "cpu-sm", 10_000, 600, 0.1, {}),
 )
 
-# Variant key -> (the config key it sets, its name suffix). "evals" (the validation count) sets
-# the cadence and changes no training, so it is left out of the name.
-_VARIANTS = {"seed": ("seed", "-seed{:d}"), "lr": ("train.peak_lr", "-lr{:g}"),
-             "batch": ("train.batch_size", "-batch{:d}"),
-             "wd": ("train.weight_decay", "-wd{:g}"),
-             "warmup": ("train.warmup_fraction", "-warmup{:g}"),
-             "ema": ("train.ema_decay", "-ema{:g}"),
-             "noise": ("diffusion.noise_sampling", "-{}"), "evals": (None, "")}
-
-
 def search_config(objective: str, size: str, unique_tokens: int, epochs: float,
                   dropout: float, variant: dict) -> ConfigDict:
     """The small grid's config for one search run: dropout on attention and hidden states,
-    EVALS_PER_RUN validations, and the variant's one change."""
-    unknown = set(variant) - set(_VARIANTS)
-    if unknown:
-        raise ValueError(f"variant keys {sorted(unknown)} unknown; allowed: "
-                         f"{sorted(_VARIANTS)}")
+    EVALS_PER_RUN validations (or the variant's "evals"), and the variant's changes."""
     c = small.grid_config(objective, size, unique_tokens, epochs)
     c.model.attention_dropout = c.model.hidden_dropout = dropout
     c.eval.every_epochs = epochs / variant.get("evals", EVALS_PER_RUN)
     c.eval.num_mc = SEARCH_EVAL_DRAWS
     # A checkpoint at every evaluation, so the best one is kept to be re-scored.
     c.checkpoint.every_steps = 0
-    c.update_from_flattened_dict({_VARIANTS[k][0]: v for k, v in variant.items()
-                                  if _VARIANTS[k][0]})
-    return c
+    return apply_variant(c, variant)
 
 
 def search_name(objective: str, size: str, unique_tokens: int, epochs: float, dropout: float,
                 variant: dict) -> str:
     name = run_name(objective, size, epochs, unique_tokens=unique_tokens) + f"-drop{dropout:g}"
-    return name + "".join(_VARIANTS[k][1].format(v) for k, v in variant.items())
+    return name + variant_suffix(variant)
 
 
 def get_grid() -> list[tuple[str, ConfigDict]]:

@@ -86,3 +86,31 @@ def add_run(grid: dict[str, ConfigDict], name: str, cfg: ConfigDict, *,
     if name in grid and grid[name].to_json() != cfg.to_json():
         raise ValueError(f"grid run {name!r} is defined twice with different configs")
     grid[name] = cfg
+
+
+# A grid run's variant: a dict of single changes, each named in the run's name. Variant key ->
+# (the config key it sets, its name suffix). "evals" (the validation count) changes no training,
+# so it sets nothing here (the grid applies it to its cadence) and is left out of the name.
+VARIANTS = {"seed": ("seed", "-seed{:d}"), "lr": ("train.peak_lr", "-lr{:g}"),
+            "batch": ("train.batch_size", "-batch{:d}"),
+            "wd": ("train.weight_decay", "-wd{:g}"),
+            "warmup": ("train.warmup_fraction", "-warmup{:g}"),
+            "ema": ("train.ema_decay", "-ema{:g}"),
+            "noise": ("diffusion.noise_sampling", "-{}"), "evals": (None, "")}
+
+
+def apply_variant(cfg: ConfigDict, variant: dict) -> ConfigDict:
+    """`cfg` with the variant's changes set (in place; returned for chaining)."""
+    unknown = set(variant) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"variant keys {sorted(unknown)} unknown; allowed: {sorted(VARIANTS)}")
+    cfg.update_from_flattened_dict({VARIANTS[k][0]: v for k, v in variant.items()
+                                    if VARIANTS[k][0]})
+    return cfg
+
+
+def variant_suffix(variant: dict) -> str:
+    """The run-name suffix of a variant, in its keys' order: {"wd": 1.0, "ema": 0.999} ->
+    "-wd1-ema0.999"."""
+    return "".join(VARIANTS[k][1].format(v) for k, v in variant.items())
+
