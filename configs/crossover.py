@@ -96,9 +96,9 @@ RUNS = (
     ("diffusion", "256x8", 20_000, 200, 0.1),
     ("ar", "384x6", 500_000, 20, 0.1),
     # Third device call, not yet run (no device lent since): the two closest cells, with dropout,
-    # longer and larger, and AR at the same sizes with dropout for the comparison, all with the
-    # parameter average (train.ema_decay) that took the CPU search's diffusion past AR, and
-    # diffusion with stratified noise levels (configs/grids/crossover_cpu.py). Estimated (not
+    # longer and larger, and AR at the same sizes for the comparison, all with the parameter
+    # average (train.ema_decay) that closed most of the CPU search's gap, and diffusion with
+    # stratified noise levels (configs/grids/crossover_cpu.py). Estimated (not
     # run) at 5-8 minutes on one H200, 5 at a time, from the tokens/s of the first two calls
     # (benchmarks/results/gpu_2026-12-04.md); select them with --only='*-ema*' --rescore 64
     # (the first two calls' diffusion bests are curve minima at K = 8 of the 1/p estimator,

@@ -3,7 +3,7 @@ AR at U = 10k and 20k unique tokens of the embedded corpus, each objective with 
 epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
 
     dvar sweep list --grid=crossover_cpu                  # the runs, their steps and FLOPs
-    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 5 h here
+    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 5 h (estimated)
     python benchmarks/gpu_crossover.py --collect --rescore 64 \\
         --grid configs/grids/crossover_cpu.py --workroot runs/crossover-cpu \\
         --out runs/crossover-cpu/report          # diffusion's bests re-scored, tables, figure
