@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs AR search runs one at a time and stops each once it is well past its best
 # (8 epochs and 0.2 nats above it): AR's loss is exact and its best comes early.
-cd /work/main
+# Usage, from anywhere: benchmarks/results/crossover_cpu_2026-12-05c/ar_watch.sh NAME [NAME ...]
+cd "$(dirname "$0")/../../.."  # the repository root
 for name in "$@"; do
   JAX_PLATFORMS=cpu nice .venv/bin/python -m dvar_jax.cli sweep run --grid=crossover_cpu \
       --workdir=runs/crossover-cpu --only=$name > /tmp/ar-watch-$name.log 2>&1 &
