@@ -137,6 +137,7 @@ def run_facts(name: str, cfg, workdir: Path, proc_info: dict) -> dict:
            "params": n, "unique_tokens": cfg.data.unique_tokens, "epochs": cfg.data.epochs,
            "batch": cfg.train.batch_size, "peak_lr": cfg.train.peak_lr,
            "dropout": cfg.model.hidden_dropout, "weight_decay": cfg.train.weight_decay,
+           "ema_decay": cfg.train.ema_decay, "noise_sampling": cfg.diffusion.noise_sampling,
            "dtype": cfg.model.dtype, "steps": steps,
            "planned_flops": 6.0 * n * steps * cfg.train.batch_size * cfg.data.seq_len,
            "state": proc_info.get("state", "pending"), "wall_s": proc_info.get("wall_s"),
@@ -281,6 +282,22 @@ def results_markdown(rows: list[dict], vs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def changed_settings(row: dict) -> str:
+    """", wd 1, avg 0.999, stratified": the row's settings that differ from configs/base.py's
+    defaults, for a figure label (rows written before a setting was recorded show none)."""
+    from dvar_jax.configs.base import get_config
+
+    train, diffusion = get_config().train, get_config().diffusion
+    parts = []
+    if row.get("weight_decay", train.weight_decay) != train.weight_decay:
+        parts.append(f"wd {row['weight_decay']:g}")
+    if row.get("ema_decay", train.ema_decay) != train.ema_decay:
+        parts.append(f"avg {row['ema_decay']:g}")
+    if row.get("noise_sampling", diffusion.noise_sampling) != diffusion.noise_sampling:
+        parts.append(row["noise_sampling"])
+    return "".join(f", {p}" for p in parts)
+
+
 def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -313,8 +330,7 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
                 label = (f"{obj} {r['d_model']}x{r['n_layers']} ({r['params'] / 1e6:.1f}M), "
                          f"{r['epochs']:g} ep" + (f", drop {r['dropout']:g}" if r["dropout"]
                                                   else "")
-                         + (f", wd {r['weight_decay']:g}" if r.get("weight_decay", 0.1) != 0.1
-                            else "")
+                         + changed_settings(r)
                          + ("" if r["state"] == "done" else f" [{r['state']}]"))
                 ls = "-" if obj == "diffusion" else "--"
                 if crowded and r["name"] not in best:

@@ -139,3 +139,13 @@ def test_rescore_is_refused_with_plot_only_or_with_one_draw(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--collect", "--rescore", "1", "--out", str(tmp_path)])
     assert "--rescore=1: allowed 0 (off) or K >= 2" in capsys.readouterr().err
+
+
+def test_figure_labels_name_the_settings_that_differ_from_the_defaults():
+    """A run with weight decay 1, the parameter average and stratified levels says so in its
+    label; a default run, and a row recorded before these settings were, say nothing."""
+    changed = load_benchmark("gpu_crossover").changed_settings
+    assert changed({"weight_decay": 1.0, "ema_decay": 0.999,
+                    "noise_sampling": "stratified"}) == ", wd 1, avg 0.999, stratified"
+    assert changed({"weight_decay": 0.1, "ema_decay": 0.0, "noise_sampling": "independent"}) == ""
+    assert changed({}) == ""
