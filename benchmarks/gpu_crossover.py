@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -248,6 +249,49 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Runs that differ only by seed (names equal but for a trailing "-seedN"; a name without
+    one is the config's default seed), two or more with a score: each group's scores (diffusion
+    by its re-score where present, as verdicts judges it), mean and sample standard deviation."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "best_val" in r:
+            groups.setdefault(SEED_SUFFIX.sub("", r["name"]), []).append(r)
+    out = []
+    for config, members in groups.items():
+        if len(members) < 2:
+            continue
+        scores = [r.get("rescored_val", r["best_val"]) for r in members]
+        out.append({"config": config, "objective": members[0]["objective"],
+                    "unique_tokens": members[0]["unique_tokens"],
+                    "runs": [r["name"] for r in members], "scores": scores, "n": len(scores),
+                    "mean": statistics.fmean(scores), "sd": statistics.stdev(scores)})
+    return out
+
+
+def seed_gaps(groups: list[dict]) -> list[dict]:
+    """Per U with seed groups of both objectives: the AR and the diffusion group of lowest mean,
+    the gap of their means (< 0: diffusion ahead) and its standard error,
+    sqrt(sd_ar^2 / n_ar + sd_diffusion^2 / n_diffusion)."""
+    out = []
+    for u in sorted({g["unique_tokens"] for g in groups}):
+        best = {}
+        for objective in ("ar", "diffusion"):
+            mine = [g for g in groups if g["unique_tokens"] == u and g["objective"] == objective]
+            if mine:
+                best[objective] = min(mine, key=lambda g: g["mean"])
+        if len(best) < 2:
+            continue
+        a, d = best["ar"], best["diffusion"]
+        out.append({"unique_tokens": u, "ar_config": a["config"], "diffusion_config": d["config"],
+                    "gap": d["mean"] - a["mean"],
+                    "gap_se": math.sqrt(a["sd"] ** 2 / a["n"] + d["sd"] ** 2 / d["n"])})
+    return out
+
+
 def fmt(x, spec=".4f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -279,6 +323,22 @@ def results_markdown(rows: list[dict], vs: list[dict]) -> str:
             f"{fmt(v.get('diffusion_final'))} | {fmt(v.get('gap'), '+.4f')} | "
             f"{'YES' if v.get('crossover') else 'no' if 'crossover' in v else '-'} | "
             f"{fmt(v.get('crossover_flops'), '.2e')} | {fmt(v['c_crit'], '.2e')} |")
+    return "\n".join(lines) + "\n" + seeds_markdown(seed_groups(rows))
+
+
+def seeds_markdown(groups: list[dict]) -> str:
+    """The seed groups and the gap of means per U as markdown tables ("" without groups)."""
+    if not groups:
+        return ""
+    lines = ["", "| config, over seeds | obj | U | n | mean | s.d. | scores |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['config']} | {g['objective']} | {g['unique_tokens']:,} | {g['n']} | "
+              f"{g['mean']:.4f} | {g['sd']:.4f} | "
+              + ", ".join(f"{x:.4f}" for x in g["scores"]) + " |" for g in groups]
+    lines += ["", "| U | gap of the means (diff - AR) | s.e. | AR config | diffusion config |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {v['unique_tokens']:,} | {v['gap']:+.4f} | {v['gap_se']:.4f} | "
+              f"{v['ar_config']} | {v['diffusion_config']} |" for v in seed_gaps(groups)]
     return "\n".join(lines) + "\n"
 
 
@@ -381,7 +441,10 @@ def write_outputs(args, runs, workroot: Path, info: dict, final: bool = False) -
     rows = [run_facts(n, c, workroot / n, info.get(n, {})) for n, c in runs]
     vs = verdicts(rows)
     out = Path(args.out)
+    groups = seed_groups(rows)
     (out / "results.json").write_text(json.dumps({"runs": rows, "verdicts": vs,
+                                                  "seed_groups": groups,
+                                                  "seed_gaps": seed_gaps(groups),
                                                   "elapsed_s": time.time() - START}, indent=1))
     (out / "results.md").write_text(results_markdown(rows, vs))
     with tarfile.open(out / "runs.tar.gz.tmp", "w:gz") as tar:

@@ -149,3 +149,41 @@ def test_figure_labels_name_the_settings_that_differ_from_the_defaults():
                     "noise_sampling": "stratified"}) == ", wd 1, avg 0.999, stratified"
     assert changed({"weight_decay": 0.1, "ema_decay": 0.0, "noise_sampling": "independent"}) == ""
     assert changed({}) == ""
+
+
+def test_seed_groups_and_the_gap_of_their_means_by_hand():
+    """Runs that differ only by a "-seedN" suffix form a group (re-scores replace curve minima);
+    the gap of the lowest-mean groups and its standard error, against hand arithmetic."""
+    bench = load_benchmark("gpu_crossover")
+    rows = [
+        {"name": "ar-x", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.60},
+        {"name": "ar-x-seed2", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.70},
+        {"name": "ar-x-seed3", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.65},
+        {"name": "ar-y-seed2", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.70},
+        {"name": "ar-y-seed3", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.72},
+        {"name": "ar-z", "objective": "ar", "unique_tokens": 20_000, "best_val": 4.50},
+        {"name": "diffusion-w", "objective": "diffusion", "unique_tokens": 20_000,
+         "best_val": 4.00, "rescored_val": 4.65},
+        {"name": "diffusion-w-seed2", "objective": "diffusion", "unique_tokens": 20_000,
+         "best_val": 4.00, "rescored_val": 4.67},
+        {"name": "diffusion-v-seed9", "objective": "diffusion", "unique_tokens": 60_000,
+         "best_val": 4.40},
+        {"name": "diffusion-u", "objective": "diffusion", "unique_tokens": 20_000},  # no score
+        {"name": "diffusion-u-seed2", "objective": "diffusion", "unique_tokens": 20_000,
+         "best_val": 4.80},
+    ]
+    groups = {g["config"]: g for g in bench.seed_groups(rows)}
+    assert set(groups) == {"ar-x", "ar-y", "diffusion-w"}  # one seed is no group
+    x = groups["ar-x"]
+    assert x["n"] == 3 and x["mean"] == pytest.approx(4.65)
+    assert x["sd"] == pytest.approx(0.05)  # deviations -0.05, 0.05, 0: sqrt(0.005 / 2)
+    assert groups["diffusion-w"]["scores"] == [4.65, 4.67]
+    (gap,) = bench.seed_gaps(list(groups.values()))
+    assert (gap["ar_config"], gap["diffusion_config"]) == ("ar-x", "diffusion-w")
+    assert gap["gap"] == pytest.approx(4.66 - 4.65)
+    # diffusion: deviations +-0.01, variance 0.0002 / (2 - 1)
+    assert gap["gap_se"] == pytest.approx((0.05 ** 2 / 3 + 0.0002 / 2) ** 0.5)
+    assert bench.seeds_markdown([]) == ""
+    table = bench.seeds_markdown(bench.seed_groups(rows))
+    assert "| ar-x | ar | 20,000 | 3 | 4.6500 | 0.0500 | 4.6000, 4.7000, 4.6500 |" in table
+    assert "| 20,000 | +0.0100 |" in table
