@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_GRID = ROOT / "configs" / "crossover.py"
 H200_BF16_MEASURED = 790e12  # the device notes' 8192^3 bf16 matmul, FLOP/s
-LABELLED_RUNS = 8  # per objective and U in the figure; more are drawn faint, unlabelled
+LABELLED_RUNS = 8  # per U in the figure; past it, all but the best are drawn faint, unlabelled
 RESCORE_SEED = 1  # the training-time evaluation draws its masks from eval.seed = 0
 START = time.time()
 
@@ -378,9 +378,9 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
         seen = {"ar": 0, "diffusion": 0}
         for obj in ("ar", "diffusion"):
             mine = [r for r in at_u if r["objective"] == obj]
-            # Past LABELLED_RUNS an objective's runs are drawn faint and unlabelled, all but
-            # its best: a legend of dozens of runs hides the curves.
-            crowded = len(mine) > LABELLED_RUNS
+            # Past LABELLED_RUNS in a panel, each objective's runs but its best are drawn faint
+            # and unlabelled: a legend of a dozen runs hides the curves.
+            crowded = len(at_u) > LABELLED_RUNS
             others = 0
             for r in sorted(mine, key=lambda r: r["name"] in best):
                 _, loss, flops = zip(*r["curve"], strict=True)
