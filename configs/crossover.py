@@ -34,9 +34,9 @@ are the study's C = 6 N D with N its formula at V = 1024; 128x4 is 0.89M, 256x8 
 11.0M.) The first 17 runs took about 9 minutes on one H200, 5-6 at a time (float32 = TF32 matmuls,
 XLA attention); on 2 CPU cores a 20k-step run of the 256x8 model takes hours, so run only the
 128x4 cells there (`--only='*-128x4-U20k-*'`); `configs/grids/crossover_cpu.py` is the search
-sized for 2 CPU cores (at U = 20k, with a moving average of the parameters, best single runs
-4.632 for AR and 4.667 for diffusion, within the seed spread of either;
-benchmarks/results/crossover_cpu_2026-12-05c/).
+sized for 2 CPU cores (with a moving average of the parameters, AR ahead at U = 10k, 20k and
+60k; closest at 20k, +0.025 +- 0.012 over eight seeds of each;
+benchmarks/results/crossover_cpu_2026-12-05d/).
 
 **Measured (benchmarks/results/gpu_2026-12-04.md, docs/crossover_gpu.png): no crossover.**
 Diffusion's best stayed above AR's best at every U: +0.18 nats at U = 20k (4.937 vs 4.759),

@@ -1,9 +1,9 @@
 """The crossover search on 2 CPU cores (issue 17, point 3): how close masked diffusion comes to
-AR at U = 10k and 20k unique tokens of the embedded corpus, each objective with its own size,
-epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
+AR at U = 10k, 20k and 60k unique tokens of the embedded corpus, each objective with its own
+size, epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
 
     dvar sweep list --grid=crossover_cpu                  # the runs, their steps and FLOPs
-    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 5 h (estimated)
+    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 6 h (estimated)
     python benchmarks/gpu_crossover.py --collect --rescore 64 \\
         --grid configs/grids/crossover_cpu.py --workroot runs/crossover-cpu \\
         --out runs/crossover-cpu/report          # diffusion's bests re-scored, tables, figure
@@ -24,20 +24,22 @@ tokens), at the sizes cpu-xxs to cpu-m (54k-2.9M parameters):
 - with a moving average of the parameters (train.ema_decay 0.999) for both, and stratified
   noise levels (diffusion.noise_sampling) for diffusion: AR at four sizes, 30-, 100- and
   300-epoch schedules, weight decay 0.1-3.0, dropout and lr 5e-3; diffusion cpu-xs to cpu-s at
-  300-600 epochs, decay 0.9999 and lr 5e-3; the closest pair at three seeds each. AR runs
-  past their best were stopped (benchmarks/results/crossover_cpu_2026-12-05c/ar_watch.sh).
+  300-600 epochs, decay 0.9999 and lr 5e-3; the closest pair at eight seeds each; the same
+  search at U = 10k and 60k. AR runs past their best were stopped
+  (benchmarks/results/crossover_cpu_2026-12-05c/ar_watch.sh).
 
 Search runs validate diffusion at SEARCH_EVAL_DRAWS draws and keep a checkpoint at every
 evaluation, so `--rescore` can score the best one without the curve's selection bias.
 
-Measured 2026-12-05 with the average (benchmarks/results/crossover_cpu_2026-12-05c/,
-docs/crossover_cpu.png): no crossover, but a gap within seed noise. Best single runs: AR 4.632
-(cpu-sm, 100-epoch schedule, weight decay 1.0, best at epoch 8) against diffusion 4.667 +- 0.010
-(cpu-sm, 300 epochs, dropout 0.1, weight decay 1.0, stratified; its best checkpoint re-scored at
-64 draws; seed 3), at 12x the study's C_crit(20k). Over three seeds of each config, AR averages
-4.671 (4.632-4.692) and diffusion 4.677 (4.667-4.691): 0.006 apart, with a standard error of
-0.02. Without the average (crossover_cpu_2026-12-05b/) the gap was +0.079: diffusion 4.802
-(cpu-xs) against AR 4.723 (cpu-sm).
+Measured 2026-12-05 with the average (benchmarks/results/crossover_cpu_2026-12-05d/,
+docs/crossover_cpu.png): no crossover; AR ahead at every U. At U = 20k, over eight seeds of the
+closest pair, AR (cpu-sm, 100-epoch schedule, weight decay 1.0, best at epoch 5-8) averages
+4.663 and diffusion (cpu-sm, 300 epochs, dropout 0.1, weight decay 1.0, stratified; each best
+checkpoint re-scored at 64 draws) 4.688: +0.025 +- 0.012, at 12x the study's C_crit(20k). The
+best single runs, 4.629 and 4.667, are seeds' luck. At U = 10k diffusion is 0.06-0.09 behind
+(it overfits after about 320 epochs), at U = 60k 0.16 behind at 9.7x C_crit (cpu-s, 300
+epochs, still falling). Without the average (crossover_cpu_2026-12-05b/) the U = 20k gap was
++0.079.
 """
 
 import importlib.util
