@@ -3,7 +3,7 @@ AR at U = 10k, 20k and 60k unique tokens of the embedded corpus, each objective 
 size, epochs and dropout. `configs/crossover.py` is the same search sized for one accelerator.
 
     dvar sweep list --grid=crossover_cpu                  # the runs, their steps and FLOPs
-    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 6 h (estimated)
+    dvar sweep run  --grid=crossover_cpu --workdir=runs/crossover-cpu    # about 7 h (estimated)
     python benchmarks/gpu_crossover.py --collect --rescore 64 \\
         --grid configs/grids/crossover_cpu.py --workroot runs/crossover-cpu \\
         --out runs/crossover-cpu/report          # diffusion's bests re-scored, tables, figure
@@ -25,7 +25,8 @@ tokens), at the sizes cpu-xxs to cpu-m (54k-2.9M parameters):
   noise levels (diffusion.noise_sampling) for diffusion: AR at four sizes, 30-, 100- and
   300-epoch schedules, weight decay 0.1-3.0, dropout and lr 5e-3; diffusion cpu-xs to cpu-s at
   300-600 epochs, decay 0.9999 and lr 5e-3; the closest pair at eight seeds each; the same
-  search at U = 10k and 60k. AR runs past their best were stopped
+  search at U = 10k and 60k; diffusion cpu-s at U = 20k at two seeds, dropout 0.2, lr 1e-3 and
+  10 % warmup. AR runs past their best were stopped
   (benchmarks/results/crossover_cpu_2026-12-05c/ar_watch.sh).
 
 Search runs validate diffusion at SEARCH_EVAL_DRAWS draws and keep a checkpoint at every
@@ -38,7 +39,9 @@ closest pair, AR (cpu-sm, 100-epoch schedule, weight decay 1.0, best at epoch 5-
 checkpoint re-scored at 64 draws) 4.688: +0.025 +- 0.012, at 12x the study's C_crit(20k). The
 best single runs, 4.629 and 4.667, are seeds' luck. At U = 10k diffusion is 0.06-0.09 behind
 (it overfits after about 320 epochs), at U = 60k 0.16 behind at 9.7x C_crit (cpu-s, 300
-epochs, still falling). Without the average (crossover_cpu_2026-12-05b/) the U = 20k gap was
+epochs, still falling). The larger diffusion model does not close U = 20k's gap: cpu-s
+re-scores at 4.673 and 4.722 over two seeds, lr 1e-3, dropout 0.2 and a longer warmup worse
+(crossover_cpu_2026-12-05e/). Without the average (crossover_cpu_2026-12-05b/) the U = 20k gap was
 +0.079.
 """
 
@@ -164,6 +167,22 @@ RUNS = (
     ("ar", "cpu-sm", 10_000, 100, 0.0, {"wd": 1.0, "ema": 0.999, "evals": 200, "seed": 3}),
     # U = 60k, cpu-s on twice the schedule: was the 150-epoch run's gap a matter of compute?
     ("diffusion", "cpu-s", 60_000, 300, 0.1, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    # U = 20k, the larger diffusion model to the end (its 300-epoch run above was stopped at 95
+    # epochs for time): cpu-s beat cpu-sm at 10k and 60k at equal epochs.
+    ("diffusion", "cpu-s", 20_000, 300, 0.2, {"wd": 1.0, "ema": 0.999, "noise": "stratified"}),
+    # Before the average, cpu-s at lr 1e-3 came within 0.04 of cpu-sm at 3e-3 (4.824 against
+    # 4.784, crossover_cpu_2026-12-05/): the same with the average. AdamW's decay scales with lr,
+    # so weight decay 3.0 at 1e-3 decays as 1.0 does at 3e-3.
+    ("diffusion", "cpu-s", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "lr": 1e-3}),
+    ("diffusion", "cpu-s", 20_000, 300, 0.1,
+     {"wd": 3.0, "ema": 0.999, "noise": "stratified", "lr": 1e-3}),
+    # cpu-s at 3e-3 sat on the unigram plateau for its first 50 epochs and still tied cpu-sm:
+    # a longer warmup, and another seed.
+    ("diffusion", "cpu-s", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "warmup": 0.1}),
+    ("diffusion", "cpu-s", 20_000, 300, 0.1,
+     {"wd": 1.0, "ema": 0.999, "noise": "stratified", "seed": 2}),
     ("ar", "cpu-xxs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-xs", 10_000, 30, 0.0, {}),
     ("ar", "cpu-sm", 10_000, 30, 0.0, {}),
