@@ -296,7 +296,7 @@ def fmt(x, spec=".4f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def results_markdown(rows: list[dict], vs: list[dict]) -> str:
+def results_markdown(rows: list[dict], vs: list[dict], groups: list[dict]) -> str:
     lines = ["| run | obj | d x L | N (M) | U | batch | lr | drop | epochs | steps | state | "
              "best val (epoch) | best re-scored (K) | final val (epoch) | FLOPs (6ND) | wall s | "
              "tok/s | MFU f32 |",
@@ -323,7 +323,7 @@ def results_markdown(rows: list[dict], vs: list[dict]) -> str:
             f"{fmt(v.get('diffusion_final'))} | {fmt(v.get('gap'), '+.4f')} | "
             f"{'YES' if v.get('crossover') else 'no' if 'crossover' in v else '-'} | "
             f"{fmt(v.get('crossover_flops'), '.2e')} | {fmt(v['c_crit'], '.2e')} |")
-    return "\n".join(lines) + "\n" + seeds_markdown(seed_groups(rows))
+    return "\n".join(lines) + "\n" + seeds_markdown(groups)
 
 
 def seeds_markdown(groups: list[dict]) -> str:
@@ -376,11 +376,11 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
         at_u = [r for r in rows if r["unique_tokens"] == u and r["curve"]]
         best = {v.get("ar_run"), v.get("diffusion_run")}
         seen = {"ar": 0, "diffusion": 0}
+        # Past LABELLED_RUNS in a panel, each objective's runs but its best are drawn faint and
+        # unlabelled: a legend of a dozen runs hides the curves.
+        crowded = len(at_u) > LABELLED_RUNS
         for obj in ("ar", "diffusion"):
             mine = [r for r in at_u if r["objective"] == obj]
-            # Past LABELLED_RUNS in a panel, each objective's runs but its best are drawn faint
-            # and unlabelled: a legend of a dozen runs hides the curves.
-            crowded = len(at_u) > LABELLED_RUNS
             others = 0
             for r in sorted(mine, key=lambda r: r["name"] in best):
                 _, loss, flops = zip(*r["curve"], strict=True)
@@ -437,16 +437,23 @@ def plot(rows: list[dict], vs: list[dict], path: Path) -> Path:
     return path
 
 
-def write_outputs(args, runs, workroot: Path, info: dict, final: bool = False) -> list[dict]:
-    rows = [run_facts(n, c, workroot / n, info.get(n, {})) for n, c in runs]
+def write_tables(out: Path, rows: list[dict]) -> list[dict]:
+    """OUT/results.json (runs, verdicts, seed groups and their gaps) and OUT/results.md from
+    the runs' facts; returns the verdicts."""
     vs = verdicts(rows)
-    out = Path(args.out)
     groups = seed_groups(rows)
     (out / "results.json").write_text(json.dumps({"runs": rows, "verdicts": vs,
                                                   "seed_groups": groups,
                                                   "seed_gaps": seed_gaps(groups),
                                                   "elapsed_s": time.time() - START}, indent=1))
-    (out / "results.md").write_text(results_markdown(rows, vs))
+    (out / "results.md").write_text(results_markdown(rows, vs, groups))
+    return vs
+
+
+def write_outputs(args, runs, workroot: Path, info: dict, final: bool = False) -> list[dict]:
+    rows = [run_facts(n, c, workroot / n, info.get(n, {})) for n, c in runs]
+    out = Path(args.out)
+    vs = write_tables(out, rows)
     with tarfile.open(out / "runs.tar.gz.tmp", "w:gz") as tar:
         for n, _ in runs:
             for f in ("config.json", "metrics.jsonl", "summary.json", "log.txt"):
@@ -683,9 +690,7 @@ def main(argv=None) -> int:
     if args.plot_only:
         files = [Path(f) for f in args.results.split(",") if f] or [out / "results.json"]
         rows = [r for f in files for r in json.loads(f.read_text())["runs"]]
-        vs = verdicts(rows)
-        (out / "results.md").write_text(results_markdown(rows, vs))
-        (out / "results.json").write_text(json.dumps({"runs": rows, "verdicts": vs}, indent=1))
+        vs = write_tables(out, rows)
         print(plot(rows, vs, Path(args.figure or out / "crossover.png")))
         return 0
     if args.collect:
